@@ -1,0 +1,66 @@
+"""Finding files: a file path, a local folder (optionally with a subfolder), or a Hugging Face hub id.
+
+Hub ids go through ``huggingface_hub`` when it is installed (it also serves ``HF_HUB_OFFLINE=1`` from its
+cache); without it a hub id gives a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "/", "~")) and not os.path.isabs(name)
+
+
+def _hub_download(repo_id: str, filename: str, subfolder: str | None, **hub_kwargs) -> str:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise OSError(
+            f"{repo_id!r} is not a local path, and loading hub ids needs huggingface_hub: "
+            "`pip install huggingface_hub`, or pass the path of a local folder"
+        ) from None
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS and v is not None}
+    try:
+        return hf_hub_download(repo_id, filename=filename, subfolder=subfolder or None, **kwargs)
+    except Exception as e:  # huggingface_hub raises many types; users need one message
+        raise OSError(
+            f"could not get {filename!r} for {repo_id!r} from the Hugging Face hub or its cache "
+            f"({type(e).__name__}: {e}). Pass a local folder instead, or check the id and your network."
+        ) from None
+
+
+def is_hub_id(path_or_id: str | os.PathLike) -> bool:
+    s = os.fspath(path_or_id)
+    return not os.path.exists(s) and looks_like_hub_id(s)
+
+
+def resolve_file(path_or_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> str:
+    """Return a local path to ``filename`` inside ``path_or_id`` (or ``path_or_id/subfolder``)."""
+    s = os.fspath(path_or_id)
+    if os.path.isfile(s):
+        return s
+    if os.path.isdir(s):
+        candidates = [os.path.join(s, subfolder, filename)] if subfolder else []
+        candidates.append(os.path.join(s, filename))
+        for c in candidates:
+            if os.path.isfile(c):
+                return c
+        where = os.path.join(s, subfolder) if subfolder else s
+        raise FileNotFoundError(f"no file named {filename!r} in {where!r}")
+    if looks_like_hub_id(s):
+        return _hub_download(s, filename, subfolder, **hub_kwargs)
+    raise FileNotFoundError(f"pretrained_model_name_or_path {s!r} does not exist")
+
+
+def file_exists(path_or_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> bool:
+    """Whether ``filename`` can be resolved (local check, or a hub/cache lookup)."""
+    try:
+        resolve_file(path_or_id, filename, subfolder=subfolder, **hub_kwargs)
+        return True
+    except (OSError, FileNotFoundError):
+        return False
