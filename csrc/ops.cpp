@@ -1,10 +1,16 @@
 // Op schemas for the ddpm_fast namespace (all of them, in one place) and the pybind11 module that
-// loads them. Kernels register their CPU/CUDA implementations in their own files.
+// loads them. Each kernel family registers its CPU / CUDA implementation in its own source file.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
 TORCH_LIBRARY(ddpm_fast, m) {
-  // Placeholder until kernel families are added below.
+  // SiLU(GroupNorm(x + temb[:, :, None, None]) * weight + bias); silu=false gives the norm alone.
+  m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? temb, bool silu) -> Tensor");
+  // softmax(q k^T * scale) v for (B, H, S, D); scale defaults to 1/sqrt(D).
+  m.def("attention(Tensor q, Tensor k, Tensor v, float? scale) -> Tensor");
+  // x0 = a_x*sample + a_e*model_output (clamped to +-clip_range when given);
+  // prev = c0*x0 + c1*sample + c2*model_output + noise_scale*noise.  Returns (prev, x0).
+  m.def("scheduler_step(Tensor model_output, Tensor sample, Tensor? noise, float a_x, float a_e, float c0, float c1, float c2, float noise_scale, float? clip_range) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, mod) {
