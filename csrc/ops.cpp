@@ -3,6 +3,8 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu/kernels.h"
+
 TORCH_LIBRARY(ddpm_fast, m) {
   // SiLU(GroupNorm(x + temb[:, :, None, None]) * weight + bias); silu=false gives the norm alone.
   m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? temb, bool silu) -> Tensor");
@@ -20,4 +22,6 @@ PYBIND11_MODULE(_C, mod) {
 #else
   mod.attr("with_cuda") = false;
 #endif
+  // Which CPU kernel build runs here ("AVX2" or "DEFAULT"); DDPM_FAST_CPU_ISA can force one.
+  mod.def("cpu_isa", [] { return std::string(ddpm_fast::cpu::kernels().isa); });
 }

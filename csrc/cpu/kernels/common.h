@@ -1,0 +1,102 @@
+// Shared helpers for the per-ISA kernel objects: fp32 <-> bf16/fp16 conversion and vector load/store
+// of any supported dtype as Vectorized<float>. Everything lives in namespace CPU_CAPABILITY, so the copies
+// compiled for different instruction sets never collide at link time.
+#pragma once
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/kernels.h"
+
+namespace ddpm_fast::cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kV = Vec::size();
+
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float to_f(float v) { return v; }
+inline float to_f(bf16_t v) { return u2f(uint32_t(v.x) << 16); }
+inline float to_f(f16_t v) {
+  // IEEE half -> float, exact (same construction as the FP16 library).
+  const uint32_t w = uint32_t(v.x) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+  return u2f(sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized)));
+}
+
+template <typename T> inline T from_f(float f);
+template <> inline float from_f<float>(float f) { return f; }
+template <> inline bf16_t from_f<bf16_t>(float f) {
+  if (std::isnan(f)) return {uint16_t(0x7FC0)};
+  uint32_t u = f2u(f);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return {uint16_t(u >> 16)};
+}
+template <> inline f16_t from_f<f16_t>(float f) {
+  // float -> IEEE half, round to nearest even, overflow to inf, NaN kept.
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f2u(f), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = u2f((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f2u(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return {uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
+}
+
+// Load n (<= kV) elements as floats; the rest of the vector is zero.
+template <typename T> inline Vec load(const T* p, int64_t n = kV) {
+  alignas(64) float tmp[kV] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = to_f(p[i]);
+  return Vec::loadu(tmp);
+}
+template <> inline Vec load<float>(const float* p, int64_t n) { return n == kV ? Vec::loadu(p) : Vec::loadu(p, n); }
+
+template <typename T> inline void store(T* p, const Vec& v, int64_t n = kV) {
+  alignas(64) float tmp[kV];
+  v.store(tmp);
+  for (int64_t i = 0; i < n; ++i) p[i] = from_f<T>(tmp[i]);
+}
+template <> inline void store<float>(float* p, const Vec& v, int64_t n) {
+  if (n == kV) v.store(p); else v.store(p, static_cast<int>(n));
+}
+
+inline Vec silu(const Vec& y) {
+  // y * sigmoid(y); exp() is the 1-ulp Sleef exp on vector ISAs. exp(-y) = inf gives y/inf = -0: correct limit.
+  return y / (Vec(1.f) + y.neg().exp());
+}
+
+// Calls f.template operator()<T>() for the element type matching dt.
+#define DDPM_FAST_DISPATCH(dt, ...)                        \
+  switch (dt) {                                            \
+    case DType::F32: { using T = float; __VA_ARGS__ } break;  \
+    case DType::BF16: { using T = bf16_t; __VA_ARGS__ } break; \
+    case DType::F16: { using T = f16_t; __VA_ARGS__ } break;   \
+  }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ddpm_fast::cpu
+
+namespace ddpm_fast::cpu {
+namespace CPU_CAPABILITY {
+// Defined in the per-family kernel files; collected in table.cpp.
+void scheduler_step_kernel(DType, const void* eps, const void* x, const void* noise, void* prev, void* x0,
+                           int64_t n, const StepCoefs& c);
+void row_stats_kernel(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* mean, float* m2);
+void col_stats_kernel(DType, const void* x, int64_t p, int64_t c, float* mean, float* m2);
+void row_affine_kernel(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* a,
+                       const float* b, bool silu);
+void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, const float* a, const float* b,
+                       bool silu);
+void attn_pack_kt_kernel(const float* k, int64_t k_rs, int64_t S, int64_t D, float* kt);
+void attn_rows_kernel(const AttnArgs& a, int64_t q0, int64_t q1, float* scratch);
+}  // namespace CPU_CAPABILITY
+}  // namespace ddpm_fast::cpu
