@@ -1,0 +1,302 @@
+"""The ``ddpm-fast`` command line (also ``python -m ddpm_fast``): ``sample``, ``train`` and ``bench``.
+
+Expected failures (bad arguments, missing files, unwritable folders) print one line,
+``ddpm-fast: error: <message>``, to stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+PROG = "ddpm-fast"
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULERS = ("ddpm", "ddim")
+
+
+class CLIError(Exception):
+    """An error whose message is the whole story for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block before its error; the contract here is one line.
+    def error(self, message: str):
+        raise CLIError(f"{self.prog.split(' ', 1)[-1] + ': ' if ' ' in self.prog else ''}{message}")
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+
+    return parse
+
+
+def _int_list(name: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fast DDPM sampling and training, compatible with diffusers checkpoints.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench}", parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="generate images as PNG files")
+    s.add_argument("--model", default=None,
+                   help="pipeline folder or hub id (default: the shipped ddpm-digits model)")
+    s.add_argument("--num-images", type=_positive_int("--num-images"), default=16)
+    s.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    s.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    s.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument("--seed", type=_non_negative_int("--seed"), default=0)
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    s.add_argument("--output", default="samples", help="folder for DIR/000000.png, ... (default: ./samples)")
+    s.add_argument("--grid", action="store_true", help="also write DIR/grid.png")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace images that already exist")
+    group.add_argument("--resume", action="store_true", help="keep existing images, sample only the missing ones")
+    s.add_argument("--backend", choices=("fused", "reference"), default=None, help="implementation (default: fused)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("train", help="train a DDPM on a folder of images or the built-in digits")
+    t.add_argument("--data", required=True, help="folder of images, or 'digits' (scikit-learn's 8x8 digits)")
+    t.add_argument("--output", required=True, help="folder for checkpoints, loss.csv and the final pipeline")
+    t.add_argument("--resolution", type=_positive_int("--resolution"), default=16)
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: 1 if all images are grayscale")
+    t.add_argument("--block-out-channels", type=_int_list("--block-out-channels"), default=(32, 64, 64))
+    t.add_argument("--layers-per-block", type=_positive_int("--layers-per-block"), default=1)
+    t.add_argument("--norm-num-groups", type=_positive_int("--norm-num-groups"), default=8)
+    t.add_argument("--attention-levels", type=_int_list("--attention-levels"), default=(1,),
+                   help="UNet levels (0 = full resolution) with attention blocks; '' for none")
+    t.add_argument("--num-train-timesteps", type=_positive_int("--num-train-timesteps"), default=1000)
+    t.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"), default="linear")
+    t.add_argument("--max-steps", type=_positive_int("--max-steps"), default=2000)
+    t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=_non_negative_int("--warmup-steps"), default=100)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--hflip", action="store_true", help="random horizontal flips (off: digits are not symmetric)")
+    t.add_argument("--seed", type=_non_negative_int("--seed"), default=0)
+    t.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=500)
+    t.add_argument("--checkpoints-total-limit", type=_positive_int("--checkpoints-total-limit"), default=2)
+    t.add_argument("--log-every", type=_positive_int("--log-every"), default=10)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--num-threads", type=_positive_int("--num-threads"), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("bench", help="benchmarks (all arguments go to python -m ddpm_fast.bench)", add_help=False)
+    return parser
+
+
+def _parse_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _resolve_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device (use cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    return device
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import DDIMScheduler, DDPMPipeline
+    from .backend import backend as use_backend
+    from .sampling import GRID_NAME, batch_indices, load_png, make_grid, pending_batches, prepare_output_dir, sample_images
+    from .weights import shipped_model_path
+
+    device = _resolve_device(args.device)
+    dtype = _parse_dtype(args.dtype)
+    steps = args.steps if args.steps is not None else (1000 if args.scheduler == "ddpm" else 50)
+
+    model = args.model if args.model is not None else shipped_model_path()
+    if not os.path.exists(model):
+        from .hub import looks_like_hub_id
+
+        if not looks_like_hub_id(model):  # hub ids ("google/ddpm-cat-256") are resolved by from_pretrained
+            raise CLIError(f"--model {model!r} does not exist")
+    prepare_output_dir(args.output, args.num_images, overwrite=args.overwrite, resume=args.resume)
+    batches = pending_batches(args.num_images, args.batch_size, args.output) if args.resume else \
+        batch_indices(args.num_images, args.batch_size)
+
+    pipe = DDPMPipeline.from_pretrained(model)
+    if args.scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    num_train = pipe.scheduler.config.num_train_timesteps
+    if steps > num_train:
+        raise CLIError(f"--steps must be at most the model's num_train_timesteps ({num_train}), got {steps}")
+    if args.eta and args.scheduler != "ddim":
+        raise CLIError("--eta applies to --scheduler ddim only")
+    if args.eta:
+        # DDPMPipeline calls scheduler.step(..., generator=...) without eta; bind it here.
+        step = pipe.scheduler.step
+        pipe.scheduler.step = lambda *a, **k: step(*a, eta=args.eta, **k)
+    pipe.to(device=device, dtype=dtype)
+
+    n_todo = sum(len(b) for b in batches)
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_todo, desc="images", unit="img", dynamic_ncols=True)
+        pipe.set_progress_bar_config(leave=False, desc="steps", dynamic_ncols=True)
+    else:
+        pipe.set_progress_bar_config(disable=True)
+    ctx = use_backend(args.backend) if args.backend else _nullcontext()
+    try:
+        with ctx, torch.inference_mode():
+            sample_images(pipe, batches, args.seed, steps, out_dir=args.output, skip_existing=args.resume,
+                          progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if args.grid:
+        from .sampling import image_path, write_png_atomic
+        import numpy as np
+
+        images = [load_png(image_path(args.output, i)) for i in range(args.num_images)]
+        grid = make_grid(images, scale=max(1, 128 // max(images[0].shape[:2])))
+        write_png_atomic(np.asarray(grid), os.path.join(args.output, GRID_NAME))
+    print(f"wrote {n_todo} image(s) to {args.output}" + (" and grid.png" if args.grid else ""), file=sys.stderr)
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data,
+        output=args.output,
+        resolution=args.resolution,
+        channels=args.channels,
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        norm_num_groups=args.norm_num_groups,
+        attention_levels=tuple(args.attention_levels),
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
+        hflip=args.hflip,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        log_every=args.log_every,
+        device=str(_resolve_device(args.device)),
+        num_threads=args.num_threads,
+        progress=not args.quiet,
+    )
+    out = train(cfg)
+    print(f"trained pipeline written to {out}", file=sys.stderr)
+    return 0
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    import runpy
+
+    saved = sys.argv
+    sys.argv = [f"{PROG} bench", *argv]
+    try:
+        runpy.run_module("ddpm_fast.bench", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    except ImportError as e:
+        raise CLIError(f"benchmarks are not available ({e})") from None
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ddpm-fast`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            return run_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.version:
+            from . import __version__
+
+            print(f"{PROG} {__version__}")
+            return 0
+        if args.command == "sample":
+            return run_sample(args)
+        if args.command == "train":
+            return run_train(args)
+        build_parser().print_help(sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The sample job: per-image seeds, fixed batches, atomic PNG writing, an optional grid.
+
+Seeds. Image ``i`` of a run with seed ``s`` draws all its noise (the initial sample and every DDPM step) from
+its own CPU ``torch.Generator`` seeded with :func:`image_seed` ``(s, i)`` =
+``numpy.random.SeedSequence([s, i]).generate_state(1, dtype=uint64)[0]``. The pipeline gets a *list* of
+generators, one per image of the batch, and draws per-image noise from each, so image ``i`` starts from the
+same noise whatever the batch size, the batch it falls in, the process count or the device (generators live on
+the CPU; noise is moved to the device after drawing). Pixels then agree up to floating-point rounding of the
+batched UNet (see docs/training.md for the measured difference).
+
+Batches are fixed: batch ``b`` holds images ``[b*B, min((b+1)*B, N))`` — :func:`batch_indices`. A sharded
+(multi-process) runner can hand any subset of these batches to :func:`sample_images`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PNG_NAME = "{index:06d}.png"
+GRID_NAME = "grid.png"
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of image ``index`` in a run seeded with ``seed`` (both non-negative)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def image_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per image index (CPU so that every device starts from the same noise)."""
+    return [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def image_path(out_dir: str | os.PathLike, index: int) -> Path:
+    return Path(out_dir) / PNG_NAME.format(index=index)
+
+
+def batch_indices(num_images: int, batch_size: int) -> list[list[int]]:
+    """The fixed batches: batch ``b`` holds ``[b*B, min((b+1)*B, N))``."""
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    return [list(range(s, min(s + batch_size, num_images))) for s in range(0, num_images, batch_size)]
+
+
+def existing_images(num_images: int, out_dir: str | os.PathLike) -> list[int]:
+    """Indices in ``[0, num_images)`` whose PNG already exists in ``out_dir``."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    return [i for i in range(num_images) if image_path(d, i).is_file()]
+
+
+def pending_batches(num_images: int, batch_size: int, out_dir: str | os.PathLike) -> list[list[int]]:
+    """The fixed batches that still have at least one image missing from ``out_dir`` (for ``--resume``).
+
+    A batch is kept whole (done images are sampled again but not rewritten) because its images' pixels
+    may depend, up to rounding, on which images share the batch.
+    """
+    done = set(existing_images(num_images, out_dir))
+    return [b for b in batch_indices(num_images, batch_size) if not all(i in done for i in b)]
+
+
+def write_png_atomic(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a uint8 HWC/HW image as PNG via a temp file in the same folder and ``os.replace``.
+
+    A crash or Ctrl-C leaves either the old file or the complete new one, never half a PNG.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"image must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Pipeline output in ``[0, 1]`` (NCHW tensor or NHWC array) → NHWC uint8, rounded as diffusers' numpy_to_pil."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def make_grid(images: Sequence[np.ndarray], nrow: int | None = None, padding: int = 2, scale: int = 1):
+    """A PIL grid of uint8 HWC images, ``nrow`` per row (default: about square), upscaled by ``scale`` (nearest)."""
+    from PIL import Image
+
+    if not len(images):
+        raise ValueError("make_grid needs at least one image")
+    arrs = [np.asarray(im) if np.asarray(im).ndim == 3 else np.asarray(im)[..., None] for im in images]
+    h, w, c = arrs[0].shape
+    nrow = nrow or math.ceil(math.sqrt(len(arrs)))
+    rows = math.ceil(len(arrs) / nrow)
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, np.uint8)
+    for k, a in enumerate(arrs):
+        r, col = divmod(k, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = a
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def sample_batch(pipeline, indices: Sequence[int], seed: int, num_inference_steps: int) -> np.ndarray:
+    """Sample the images ``indices`` (one batch) and return them as NHWC uint8."""
+    gens = image_generators(seed, indices)
+    out = pipeline(
+        batch_size=len(indices), generator=gens, num_inference_steps=num_inference_steps, output_type="np"
+    )
+    images = out.images if hasattr(out, "images") else out[0]
+    return to_uint8(images)
+
+
+def sample_images(
+    pipeline,
+    batches: Iterable[Sequence[int]],
+    seed: int,
+    num_inference_steps: int,
+    out_dir: str | os.PathLike | None = None,
+    skip_existing: bool = False,
+    progress=None,
+) -> dict[int, np.ndarray]:
+    """Sample every batch of ``batches`` and return ``{index: uint8 HWC image}``.
+
+    With ``out_dir``, each image is written to ``out_dir/<index:06d>.png`` atomically as soon as its batch is done
+    (images that already exist are left untouched when ``skip_existing``). ``progress`` is called with the
+    number of images finished after every batch.
+    """
+    results: dict[int, np.ndarray] = {}
+    for batch in batches:
+        batch = list(batch)
+        images = sample_batch(pipeline, batch, seed, num_inference_steps)
+        for i, img in zip(batch, images):
+            results[i] = img
+            if out_dir is not None:
+                p = image_path(out_dir, i)
+                if not (skip_existing and p.exists()):
+                    write_png_atomic(img, p)
+        if progress is not None:
+            progress(len(batch))
+    return results
+
+
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, num_images: int, overwrite: bool, resume: bool) -> None:
+    """Create ``out_dir`` and refuse to clobber existing images unless ``overwrite`` or ``resume``."""
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"--output {str(d)!r} exists and is not a folder")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"--output {str(d)!r} is not writable ({e.strerror or e})") from None
+    if not (overwrite or resume):
+        clash = existing_images(num_images, d)
+        if clash:
+            raise FileExistsError(
+                f"--output {str(d)!r} already holds {len(clash)} of the images (e.g. {image_path(d, clash[0]).name}); "
+                "pass --overwrite to replace them or --resume to finish the missing ones"
+            )
