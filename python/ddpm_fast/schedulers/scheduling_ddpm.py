@@ -169,7 +169,7 @@ class DDPMScheduler(SchedulerMixin):
         # add_noise() moves self.alphas_cumprod to the data's device (as diffusers does); the fused step's
         # coefficients always come from this CPU copy, so computing them never syncs a GPU.
         self._alphas_cumprod_cpu = self.alphas_cumprod
-        self._coef_cache: dict[tuple[int, int], _FusedCoefs | None] = {}
+        self._coef_cache: dict[tuple[int, int, str], _FusedCoefs | None] = {}
         self._prev_table: tuple[torch.Tensor, dict[int, int]] | None = None
 
     # -- timesteps -----------------------------------------------------------------------------------
@@ -378,7 +378,8 @@ class DDPMScheduler(SchedulerMixin):
     def _fused_coefs(self, t: int, prev_t: int) -> _FusedCoefs | None:
         """Coefficients of the fused op for ``(t, prev_t)``, cached; ``None`` if the step divides by zero
         (then the reference path reproduces diffusers' inf/NaN)."""
-        key = (t, prev_t)
+        # variance_type is in the key because diffusers reads the (mutable) attribute, not the config.
+        key = (t, prev_t, self.variance_type)
         try:
             return self._coef_cache[key]
         except KeyError:
