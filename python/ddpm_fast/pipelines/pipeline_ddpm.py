@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..cuda_graphs import GraphCache, sample_with_graph
 from ..models import UNet2DModel
 from ..schedulers import DDIMScheduler, DDPMScheduler
 from ..utils.torch_utils import randn_tensor
@@ -35,6 +36,19 @@ class DDPMPipeline(DiffusionPipeline):
         if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
             raise TypeError(f"scheduler must be a DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}")
         self.register_modules(unet=unet, scheduler=scheduler)
+        self._cuda_graphs = GraphCache()
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> "DDPMPipeline":
+        """Replay each denoising step (UNet + scheduler step) from a CUDA graph on CUDA devices (on by default).
+
+        Same images either way; ``DDPM_FAST_CUDA_GRAPHS=0`` turns graphs off for the whole process.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self._cuda_graphs.enabled = enabled
+        if not enabled:
+            self._cuda_graphs.clear()
+        return self
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -123,9 +137,19 @@ class DDPMPipeline(DiffusionPipeline):
         device = self._execution_device
         image = randn_tensor(self.image_shape(batch_size), generator=generator, device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        graphed = None
+        if device.type == "cuda":
+            # Same noise draws (shape, dtype, device, order) as scheduler.step makes in the loop below.
+            def draw_noise():
+                return randn_tensor(image.shape, generator=generator, device=device, dtype=image.dtype)
+
+            graphed = sample_with_graph(self._cuda_graphs, self.unet, self.scheduler, image, draw_noise, self.progress_bar)
+        if graphed is not None:
+            image = graphed
+        else:
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_output = self.unet(image, t).sample
+                image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":

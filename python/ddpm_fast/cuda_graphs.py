@@ -1,0 +1,326 @@
+"""CUDA-graph replay of the whole denoising step (UNet forward + scheduler update) for a fixed batch and shape.
+
+At batch 1 the cifar10-32 UNet is a few hundred small kernels per step, so on a GPU the step is bound by
+kernel launches.  :class:`DenoiseStepGraph` records one step into a CUDA graph and replays it for every
+timestep of the loop.  Everything that changes from step to step lives on the device:
+
+* ``scheduler.timesteps`` and the fused step's coefficients (``x0 = a_x*x + a_e*eps`` (clamped), then
+  ``prev = c0*x0 + c1*x + c2*eps + s*noise``, the contract of :func:`ddpm_fast.ops.scheduler_step`) are
+  copied into device tables once per call; the graph reads row ``idx`` and increments ``idx`` itself.
+* the sample is a static buffer the graph updates in place;
+* the step noise is drawn outside the graph with the caller's generator, in the same shape, dtype, device
+  and order as the eager loop (so the same seed gives the same images), and copied into a static buffer.
+
+So a step costs one noise draw (when the scheduler draws one), one copy and one graph launch.
+
+Graphs are used only where that is safe: CUDA device, fused backend, UNet in eval mode, a scheduler whose
+every step the fused op can express (no thresholding, no learned variance), and a UNet that passes a
+capture with synchronisation checks on.  Any failure falls back to the eager loop with one warning.
+Turn them off with ``pipe.enable_cuda_graphs(False)`` or ``DDPM_FAST_CUDA_GRAPHS=0``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .backend import use_fused
+
+__all__ = ["DenoiseStepGraph", "StepPlan", "cuda_graphs_env_enabled", "plan_schedule", "GraphCache"]
+
+_ENV = "DDPM_FAST_CUDA_GRAPHS"
+_WARNED: set[str] = set()
+
+
+def cuda_graphs_env_enabled() -> bool:
+    """``DDPM_FAST_CUDA_GRAPHS`` unset/1/true/on enables graphs (the default); 0/false/off disables them."""
+    value = os.environ.get(_ENV, "1").strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"environment variable {_ENV}={value!r}: expected 1/0 (or true/false, on/off)")
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The per-step constants of a sampling loop, in the fused step's terms."""
+
+    timesteps: tuple[int, ...]
+    coefs: tuple[tuple[float, float, float, float, float, float], ...]  # (a_x, a_e, c0, c1, c2, noise_scale)
+    draws_noise: tuple[bool, ...]
+    clip: float | None
+
+
+def plan_schedule(scheduler) -> StepPlan | None:
+    """Express every step of ``scheduler.timesteps`` (as the pipeline calls ``scheduler.step``) in fused terms.
+
+    Returns None when some step cannot be expressed (thresholding, learned variance, a non-finite
+    coefficient, an unknown scheduler): the caller then runs the eager loop.
+    """
+    from .schedulers import DDIMScheduler, DDPMScheduler
+
+    cfg = scheduler.config
+    if getattr(cfg, "thresholding", False):
+        return None
+    try:
+        timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+    except Exception:
+        return None
+    coefs, draws = [], []
+    if isinstance(scheduler, DDPMScheduler):
+        variance_type = getattr(scheduler, "variance_type", cfg.variance_type)
+        if variance_type in ("learned", "learned_range"):
+            return None
+        for t in timesteps:
+            c = scheduler._fused_coefs(t, scheduler._previous_int(t))
+            if c is None:
+                return None
+            draw = t > 0
+            coefs.append((*c.x0, *c.prev, c.noise_scale if draw else 0.0))
+            draws.append(draw)
+    elif isinstance(scheduler, DDIMScheduler):
+        # The pipeline calls step(model_output, t, image, generator=...): eta = 0, no noise drawn.
+        step = cfg.num_train_timesteps // scheduler.num_inference_steps
+        for t in timesteps:
+            c = scheduler._fused_coefs(t, t - step, 0.0, False)
+            if c is None:
+                return None
+            coefs.append((*c.x0, *c.prev, 0.0))
+            draws.append(False)
+    else:
+        return None
+    clip = float(cfg.clip_sample_range) if getattr(cfg, "clip_sample", False) else None
+    return StepPlan(tuple(timesteps), tuple(coefs), tuple(draws), clip)
+
+
+class DenoiseStepGraph:
+    """One denoising step (``unet`` + fused scheduler update) on static device buffers, optionally graphed.
+
+    ``capture=False`` runs the same step program eagerly (any device): the tests use that to check the
+    program against the pipeline's own loop on the CPU.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        sample_like: torch.Tensor,
+        clip: float | None,
+        table_size: int,
+        *,
+        capture: bool = True,
+        warmup: int = 2,
+    ):
+        if table_size < 1:
+            raise ValueError(f"table_size must be >= 1, got {table_size}")
+        self.unet = unet
+        self.clip = clip
+        self.device = sample_like.device
+        self.dtype = sample_like.dtype
+        self.shape = tuple(sample_like.shape)
+        self.memory_format = (
+            torch.channels_last
+            if sample_like.dim() == 4 and sample_like.is_contiguous(memory_format=torch.channels_last)
+            and not sample_like.is_contiguous()
+            else torch.contiguous_format
+        )
+        self.table_size = table_size
+        self.sample = torch.zeros(self.shape, device=self.device, dtype=self.dtype).contiguous(
+            memory_format=self.memory_format
+        )
+        self.noise = torch.zeros_like(self.sample)
+        self.t_table = torch.zeros(table_size, device=self.device, dtype=torch.long)
+        self.coef_table = torch.zeros(table_size, 6, device=self.device, dtype=torch.float32)
+        self.idx = torch.zeros(1, device=self.device, dtype=torch.long)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            self._capture(warmup)
+
+    # -- the step program ----------------------------------------------------------------------------
+    def _step(self) -> None:
+        t = self.t_table.index_select(0, self.idx)  # (1,): broadcast over the batch by the UNet
+        eps = self.unet(self.sample, t, return_dict=False)[0]
+        c = self.coef_table.index_select(0, self.idx)[0]
+        x = self.sample.float()
+        e = eps.float()
+        x0 = x * c[0] + e * c[1]
+        if self.clip is not None:
+            x0 = x0.clamp_(-self.clip, self.clip)
+        prev = x0 * c[2] + x * c[3] + e * c[4] + self.noise.float() * c[5]
+        self.sample.copy_(prev)
+        self.idx.add_(1)
+
+    def _capture(self, warmup: int) -> None:
+        if self.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, got {self.device}")
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        previous_mode = torch.cuda.get_sync_debug_mode()
+        with torch.cuda.stream(stream), torch.no_grad():
+            # Warm-up on a side stream (cuDNN/cuBLAS autotuning and workspace allocation happen here), with
+            # host synchronisation made an error: a step that syncs cannot be captured.
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(max(1, warmup)):
+                    self.idx.zero_()
+                    self._step()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous_mode)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        self.idx.zero_()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            self._step()
+        torch.cuda.synchronize(self.device)
+        self.graph = graph
+
+    # -- running -------------------------------------------------------------------------------------
+    def load(self, plan: StepPlan, image: torch.Tensor) -> None:
+        """Copy ``plan``'s tables and the starting ``image`` into the static buffers."""
+        n = len(plan.timesteps)
+        if n > self.table_size:
+            raise ValueError(f"{n} steps do not fit a table of {self.table_size}")
+        if tuple(image.shape) != self.shape or image.dtype != self.dtype:
+            raise ValueError(f"image {tuple(image.shape)} {image.dtype} does not match the graph's {self.shape} {self.dtype}")
+        if plan.clip != self.clip:
+            raise ValueError("the plan's clip range differs from the captured one")
+        pin = self.device.type == "cuda"
+        ts = torch.tensor(plan.timesteps, dtype=torch.long)
+        cs = torch.tensor(plan.coefs, dtype=torch.float64).to(torch.float32)  # same rounding as the fp32 kernel
+        if pin:
+            ts, cs = ts.pin_memory(), cs.pin_memory()
+        self.t_table[:n].copy_(ts, non_blocking=pin)
+        self.coef_table[:n].copy_(cs, non_blocking=pin)
+        self.idx.zero_()
+        self.noise.zero_()
+        self.sample.copy_(image)
+
+    def step(self, noise: torch.Tensor | None) -> None:
+        """Advance one timestep; ``noise`` is that step's unit noise (None when the scheduler draws none)."""
+        if noise is not None:
+            self.noise.copy_(noise)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.no_grad():
+                self._step()
+
+    def run(
+        self,
+        plan: StepPlan,
+        image: torch.Tensor,
+        draw_noise: Callable[[], torch.Tensor],
+        progress: Callable[[Iterable], Iterable] | None = None,
+    ) -> torch.Tensor:
+        """The whole loop: returns the final sample (a new tensor, in ``image``'s memory format)."""
+        self.load(plan, image)
+        steps: Iterable[int] = range(len(plan.timesteps))
+        if progress is not None:
+            steps = progress(steps)
+        for i in steps:
+            self.step(draw_noise() if plan.draws_noise[i] else None)
+        return self.sample.clone(memory_format=torch.preserve_format)
+
+
+def _param_signature(module: torch.nn.Module) -> tuple:
+    # Graphs bake in parameter addresses: .to() / load_state_dict(assign=True) must invalidate them.
+    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+
+
+class GraphCache:
+    """The pipeline's graphs, keyed by everything a capture depends on; failures are remembered."""
+
+    def __init__(self, max_entries: int = 4):
+        self.enabled = True
+        self.max_entries = max_entries
+        self._graphs: dict[tuple, DenoiseStepGraph] = {}
+        self._failed: dict[tuple, str] = {}
+        self.last_used = False  # whether the latest sampling call replayed a graph
+        self.last_reason: str | None = None  # why it did not, if it did not
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._failed.clear()
+
+    def usable(self, unet: torch.nn.Module, image: torch.Tensor) -> str | None:
+        """None when graphs may be used for this call, else the reason they are not."""
+        if not self.enabled:
+            return "disabled (enable_cuda_graphs(False))"
+        if not cuda_graphs_env_enabled():
+            return f"disabled ({_ENV}=0)"
+        if image.device.type != "cuda" or not torch.cuda.is_available():
+            return "not a CUDA device"
+        if not use_fused():
+            return "reference backend"
+        if unet.training:
+            return "unet in training mode"
+        if torch.is_grad_enabled():
+            return "gradients enabled"
+        return None
+
+    def get(self, unet: torch.nn.Module, image: torch.Tensor, plan: StepPlan, table_size: int) -> DenoiseStepGraph | None:
+        key = (
+            id(unet), tuple(image.shape), image.dtype, str(image.device), plan.clip, table_size,
+            image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous(),
+            _param_signature(unet),
+        )
+        if key in self._failed:
+            self.last_reason = self._failed[key]
+            return None
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                graph = DenoiseStepGraph(unet, image, plan.clip, table_size, capture=True)
+            except Exception as exc:  # capture is best effort: fall back to the eager loop
+                reason = f"capture failed: {type(exc).__name__}: {exc}"
+                self._failed[key] = reason
+                self.last_reason = reason
+                _warn_once(f"capture-{type(exc).__name__}", f"ddpm_fast: CUDA graph {reason}; running eagerly")
+                try:
+                    torch.cuda.synchronize(image.device)
+                except Exception:
+                    pass
+                return None
+            if len(self._graphs) >= self.max_entries:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = graph
+        return graph
+
+
+def sample_with_graph(
+    cache: GraphCache,
+    unet: torch.nn.Module,
+    scheduler,
+    image: torch.Tensor,
+    draw_noise: Callable[[], torch.Tensor],
+    progress: Callable[[Sequence], Iterable] | None = None,
+) -> torch.Tensor | None:
+    """Run the sampling loop through a CUDA graph; None (nothing done) when graphs cannot be used."""
+    cache.last_used = False
+    reason = cache.usable(unet, image)
+    if reason is None:
+        plan = plan_schedule(scheduler)
+        if plan is None:
+            reason = "scheduler configuration not expressible as the fused step"
+        else:
+            table_size = max(int(scheduler.config.num_train_timesteps), len(plan.timesteps))
+            graph = cache.get(unet, image, plan, table_size)
+            if graph is not None:
+                out = graph.run(plan, image, draw_noise, progress)
+                cache.last_used = True
+                cache.last_reason = None
+                return out
+            reason = cache.last_reason
+    cache.last_reason = reason
+    return None
