@@ -1,5 +1,5 @@
 // CPU GroupNorm (+ time-embedding add, + SiLU) in two parallel passes: per-channel statistics over
-// cache-sized pieces (exact two-pass mean / M2, combined per group with Chan's formula in double), then one
+// cache-sized pieces (shifted two-pass mean / M2, combined per group with Chan's formula in double), then one
 // fused multiply-add + SiLU writing the output. NCHW works per channel row, channels_last per chunk of pixels.
 #include <cmath>
 #include <optional>
@@ -56,28 +56,29 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
   // second look at it (M2) hits L1/L2, and batch 1 still splits across threads.
   const int64_t P = channels_last ? std::max<int64_t>(1, std::min<int64_t>(HW, 8192 / std::max<int64_t>(C, 1))) : HW;
   const int64_t nchunks = channels_last ? (HW + P - 1) / P : 1;
-  std::vector<float> mean(N * nchunks * C), m2(N * nchunks * C);
+  std::vector<float> shift(N * nchunks * C), off(N * nchunks * C), m2(N * nchunks * C);
   if (channels_last) {
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t task = b0; task < b1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
-        k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &mean[task * C], &m2[task * C]);
+        k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[task * C], &off[task * C], &m2[task * C]);
       }
     });
   } else {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
-      k.row_stats(dt, px, HW, r0, r1, mean.data(), m2.data());
+      k.row_stats(dt, px, HW, r0, r1, shift.data(), off.data(), m2.data());
     });
   }
 
-  // Combine to per-group statistics; fold temb (a per-channel shift: moves the mean, not M2),
-  // gamma and beta into y = a * x + b per (n, c).
-  std::vector<float> a(N * C), bb(N * C);
+  // Combine to per-group statistics in double; temb is a per-channel shift (moves the mean, not M2).
+  // Per (n, c): y = ((x - hi) - lo) * a + b with hi + lo = group mean - temb, a = rstd * gamma, b = beta.
+  std::vector<float> hi(N * C), lo(N * C), a(N * C), bb(N * C);
   const double count = double(Cg) * double(HW);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       auto piece_mean = [&](int64_t ch, int64_t c) {
-        return double(mean[(n * nchunks + ch) * C + c]) + (pt ? double(pt[n * C + c]) : 0.0);
+        const int64_t i = (n * nchunks + ch) * C + c;
+        return double(shift[i]) + double(off[i]) + (pt ? double(pt[n * C + c]) : 0.0);
       };
       auto piece_count = [&](int64_t ch) { return double(std::min(P, HW - ch * P)); };
       double mu = 0.0;
@@ -92,10 +93,11 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
         }
       const double rstd = 1.0 / std::sqrt(std::max(M2 / count, 0.0) + eps);
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const double ac = rstd * (pw ? pw[c] : 1.0);
-        const double shift = pt ? double(pt[n * C + c]) : 0.0;
-        a[n * C + c] = float(ac);
-        bb[n * C + c] = float((pb ? pb[c] : 0.0) + ac * (shift - mu));
+        const double centre = mu - (pt ? double(pt[n * C + c]) : 0.0);
+        hi[n * C + c] = float(centre);
+        lo[n * C + c] = float(centre - double(hi[n * C + c]));
+        a[n * C + c] = float(rstd * (pw ? pw[c] : 1.0));
+        bb[n * C + c] = pb ? pb[c] : 0.f;
       }
     }
   }
@@ -104,13 +106,13 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t task = b0; task < b1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
-        const int64_t off = (n * HW + p0) * C * es;
-        k.col_affine(dt, px + off, py + off, p, C, &a[n * C], &bb[n * C], silu);
+        const int64_t o = (n * HW + p0) * C * es;
+        k.col_affine(dt, px + o, py + o, p, C, &hi[n * C], &lo[n * C], &a[n * C], &bb[n * C], silu);
       }
     });
   } else {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
-      k.row_affine(dt, px, py, HW, r0, r1, a.data(), bb.data(), silu);
+      k.row_affine(dt, px, py, HW, r0, r1, hi.data(), lo.data(), a.data(), bb.data(), silu);
     });
   }
   return y;

@@ -30,15 +30,17 @@ struct Kernels {
   // scheduler step on n contiguous elements.
   void (*scheduler_step)(DType, const void* eps, const void* x, const void* noise, void* prev, void* x0,
                          int64_t n, const StepCoefs&);
-  // Per-row mean and M2 (sum of squared deviations, two-pass) of rows [r0, r1) of length len.
-  void (*row_stats)(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* mean, float* m2);
+  // Per-row mean (= shift + off) and M2 (sum of squared deviations, two-pass) of rows [r0, r1) of length len.
+  void (*row_stats)(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* shift, float* off, float* m2);
   // Per-column mean and M2 over p rows of c columns (channels-last pixels x channels).
-  void (*col_stats)(DType, const void* x, int64_t p, int64_t c, float* mean, float* m2);
-  // y = a[r] * x + b[r] (then SiLU) for rows [r0, r1) of length len.
-  void (*row_affine)(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* a,
+  void (*col_stats)(DType, const void* x, int64_t p, int64_t c, float* shift, float* off, float* m2);
+  // y = ((x - hi[r]) - lo[r]) * a[r] + b[r] (then SiLU) for rows [r0, r1) of length len.
+  void (*row_affine)(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
+                     const float* lo, const float* a,
                      const float* b, bool silu);
-  // y = a[col] * x + b[col] (then SiLU) over p rows of c columns.
-  void (*col_affine)(DType, const void* x, void* y, int64_t p, int64_t c, const float* a, const float* b,
+  // y = ((x - hi) - lo) * a + b per column (then SiLU) over p rows of c columns.
+  void (*col_affine)(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* lo,
+                     const float* a, const float* b,
                      bool silu);
   // Pack K [S, D] (row stride k_rs) into the blocked K^T layout of AttnArgs::kt.
   void (*attn_pack_kt)(const float* k, int64_t k_rs, int64_t S, int64_t D, float* kt);

@@ -23,10 +23,11 @@ static std::tuple<at::Tensor, at::Tensor> scheduler_step_cpu(const at::Tensor& m
   }
   TORCH_CHECK(!clip_range.has_value() || *clip_range >= 0.0, op, ": clip_range must be >= 0, got ", *clip_range);
 
-  // Work on the storage directly when all inputs share one dense layout (e.g. all channels_last);
-  // otherwise fall back to contiguous copies.
+  // Work on the storage directly when all inputs share one contiguous or channels_last layout; otherwise
+  // fall back to contiguous copies (the fake kernel in ops.py mirrors this rule).
   at::Tensor eps = model_output, x = sample, nz = has_noise ? *noise : at::Tensor();
-  const bool same_layout = x.is_non_overlapping_and_dense() && eps.strides() == x.strides() &&
+  const bool dense = x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const bool same_layout = dense && eps.strides() == x.strides() &&
                            (!has_noise || nz.strides() == x.strides());
   if (!same_layout) {
     x = x.contiguous();

@@ -1,17 +1,76 @@
 """Typed wrappers over the native ``torch.ops.ddpm_fast`` kernels.
 
-Each wrapper falls back to a pure-PyTorch composite with the same semantics when the native extension
-is not built (or does not cover the input's device), so callers never need to check.
-
-NOTE (skeleton): native dispatch is added by the kernels work; the composites below define the contract.
+Each wrapper validates its arguments (``TypeError`` / ``ValueError`` naming the argument), then calls the
+native op when the extension is loaded and covers the input's device and dtype, else a pure-PyTorch
+composite with the same semantics, so callers never need to check. Autograd always takes the composite
+(the native ops have no backward). The fake (meta) kernels registered here let
+``torch.compile(fullgraph=True)`` trace the native ops.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+from . import _native
+
+__all__ = ["group_norm_silu", "attention", "scheduler_step", "native_available"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned = False
+
+
+def _native_ops():
+    """``torch.ops.ddpm_fast`` when the extension is usable, else None (warning once why not)."""
+    global _warned
+    if _native.available():
+        return torch.ops.ddpm_fast
+    if not _warned:
+        _warned = True
+        reason = _native.load_error()
+        if reason and "DDPM_FAST_DISABLE_NATIVE" not in reason:
+            warnings.warn(f"ddpm_fast: native kernels unavailable, using PyTorch fallbacks: {reason}", stacklevel=3)
+    return None
+
+
+def native_available() -> bool:
+    """True when the compiled kernels are loaded (CPU always; CUDA when built with it)."""
+    return _native.available()
+
+
+def _covers(*tensors: torch.Tensor | None) -> bool:
+    """Whether the native op handles these tensors (device, dtype, no autograd)."""
+    ref = tensors[0]
+    if ref.dtype not in _FLOAT_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if ref.device.type == "cpu":
+        return True
+    return ref.device.type == "cuda" and _native.has_cuda()
+
+
+def _check_tensor(name: str, t: object, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must share a device")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+# --------------------------------------------------------------------------------------------------------
+# GroupNorm (+ time-embedding add) (+ SiLU)
 
 
 def group_norm_silu(
@@ -24,16 +83,101 @@ def group_norm_silu(
     temb: torch.Tensor | None = None,
     silu: bool = True,
 ) -> torch.Tensor:
-    """``SiLU(GroupNorm(x + temb[:, :, None, None]) * weight + bias)`` (SiLU only when ``silu``)."""
+    """``SiLU(GroupNorm(x + temb[:, :, None, None]) * weight + bias)`` in one fused pass.
+
+    Args:
+        x: ``(N, C, H, W)``, contiguous or channels_last (the output keeps the memory format).
+        num_groups: number of groups; must divide ``C``.
+        weight, bias: optional ``(C,)`` affine parameters (x's dtype or float32).
+        eps: added to the variance.
+        temb: optional ``(N, C)`` per-channel term added to ``x`` before the statistics.
+        silu: apply SiLU after the affine (False gives the plain GroupNorm).
+
+    Statistics are computed in float32 (stable for ``|mean| >> std``); the output has ``x``'s dtype.
+    """
+    _check_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    C = x.shape[1]
+    if C % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the channel count C={C}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        _check_tensor(name, p, optional=True)
+        if p is not None:
+            if p.shape != (C,):
+                raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
+            if p.device != x.device:
+                raise ValueError(f"{name} is on {p.device} but x is on {x.device}; they must share a device")
+            if p.dtype not in (x.dtype, torch.float32):
+                raise ValueError(f"{name} must have x's dtype ({x.dtype}) or float32, got {p.dtype}")
+    _check_tensor("temb", temb, optional=True)
+    if temb is not None:
+        _check_like("temb", temb, "x", x)
+        if temb.shape != (x.shape[0], C):
+            raise ValueError(f"temb must have shape ({x.shape[0]}, {C}), got {tuple(temb.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    ops = _native_ops()
+    if ops is not None and _covers(x, weight, bias, temb):
+        return ops.group_norm_silu.default(x, num_groups, weight, bias, float(eps), temb, bool(silu))
+    return _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu)
+
+
+def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
     if temb is not None:
         x = x + temb[:, :, None, None]
+    if weight is not None and weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
+# --------------------------------------------------------------------------------------------------------
+# Attention
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, scale=scale)`` without mask or dropout; (B, H, S, D)."""
+    """``F.scaled_dot_product_attention(q, k, v, scale=scale)`` without mask or dropout.
+
+    Args:
+        q: ``(B, H, L, D)`` or ``(B, L, D)``; any strides (unit stride along ``D`` avoids a copy).
+        k: ``(B, H, S, D)`` (same leading dims as ``q``).
+        v: ``(B, H, S, Dv)``.
+        scale: multiplier of ``q @ k^T``; ``1 / sqrt(D)`` when None.
+
+    Returns a contiguous ``(B, H, L, Dv)`` (or ``(B, L, Dv)``) tensor; accumulation is in float32.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    _check_like("k", k, "q", q)
+    _check_like("v", v, "q", q)
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"q, k, v must all be 4-D (B, H, S, D) or all 3-D (B, S, D), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"q, k, v leading dims differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k's last dim ({k.shape[-1]}) must equal q's ({q.shape[-1]})")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"v has {v.shape[-2]} keys but k has {k.shape[-2]}")
+    if k.shape[-2] == 0 and q.shape[-2] > 0:
+        raise ValueError("k and v need at least one key")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    ops = _native_ops()
+    if ops is not None and _covers(q, k, v):
+        return ops.attention.default(q, k, v, None if scale is None else float(scale))
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scheduler step
 
 
 def scheduler_step(
@@ -49,10 +193,32 @@ def scheduler_step(
 
     ``x0 = a_x * sample + a_e * model_output`` (then clamped to ``±clip_range`` if given);
     ``prev = c0 * x0 + c1 * sample + c2 * model_output + noise_scale * noise``.
-    Returns ``(prev_sample, pred_original_sample)``.
+    Math in float32, outputs in ``sample``'s dtype. Returns ``(prev_sample, pred_original_sample)``.
     """
-    a_x, a_e = x0_coefs
-    c0, c1, c2 = prev_coefs
+    _check_tensor("model_output", model_output)
+    _check_tensor("sample", sample)
+    _check_tensor("noise", noise, optional=True)
+    _check_like("model_output", model_output, "sample", sample)
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample has {tuple(sample.shape)}")
+    if noise is not None:
+        _check_like("noise", noise, "sample", sample)
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but sample has {tuple(sample.shape)}")
+    if len(x0_coefs) != 2:
+        raise ValueError(f"x0_coefs must be (a_x, a_e), got {x0_coefs!r}")
+    if len(prev_coefs) != 3:
+        raise ValueError(f"prev_coefs must be (c0, c1, c2), got {prev_coefs!r}")
+    if clip_range is not None and not clip_range >= 0:
+        raise ValueError(f"clip_range must be >= 0 or None, got {clip_range}")
+    a_x, a_e = (float(c) for c in x0_coefs)
+    c0, c1, c2 = (float(c) for c in prev_coefs)
+    ops = _native_ops()
+    if ops is not None and _covers(sample, model_output, noise):
+        return ops.scheduler_step.default(
+            model_output, sample, noise, a_x, a_e, c0, c1, c2, float(noise_scale),
+            None if clip_range is None else float(clip_range),
+        )
     x0 = a_x * sample + a_e * model_output
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
@@ -60,3 +226,32 @@ def scheduler_step(
     if noise is not None and noise_scale != 0.0:
         prev = prev + noise_scale * noise
     return prev, x0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fake kernels: output metadata exactly as the native kernels produce it.
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("ddpm_fast::group_norm_silu")
+    def _(x, num_groups, weight, bias, eps, temb, silu):
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    @torch.library.register_fake("ddpm_fast::attention")
+    def _(q, k, v, scale):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    @torch.library.register_fake("ddpm_fast::scheduler_step")
+    def _(model_output, sample, noise, a_x, a_e, c0, c1, c2, noise_scale, clip_range):
+        dense = (
+            (sample.is_contiguous() or (sample.dim() == 4 and sample.is_contiguous(memory_format=torch.channels_last)))
+            and model_output.stride() == sample.stride()
+            and (noise is None or noise_scale == 0.0 or noise.stride() == sample.stride())
+        )
+        fmt = torch.preserve_format if dense else torch.contiguous_format
+        return torch.empty_like(sample, memory_format=fmt), torch.empty_like(sample, memory_format=fmt)
+
+
+if _native.available():
+    _register_fakes()

@@ -90,11 +90,13 @@ namespace CPU_CAPABILITY {
 // Defined in the per-family kernel files; collected in table.cpp.
 void scheduler_step_kernel(DType, const void* eps, const void* x, const void* noise, void* prev, void* x0,
                            int64_t n, const StepCoefs& c);
-void row_stats_kernel(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* mean, float* m2);
-void col_stats_kernel(DType, const void* x, int64_t p, int64_t c, float* mean, float* m2);
-void row_affine_kernel(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* a,
+void row_stats_kernel(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* shift, float* off, float* m2);
+void col_stats_kernel(DType, const void* x, int64_t p, int64_t c, float* shift, float* off, float* m2);
+void row_affine_kernel(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
+                     const float* lo, const float* a,
                        const float* b, bool silu);
-void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, const float* a, const float* b,
+void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* lo,
+                     const float* a, const float* b,
                        bool silu);
 void attn_pack_kt_kernel(const float* k, int64_t k_rs, int64_t S, int64_t D, float* kt);
 void attn_rows_kernel(const AttnArgs& a, int64_t q0, int64_t q1, float* scratch);

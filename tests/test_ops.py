@@ -1,0 +1,298 @@
+"""CPU tests of the native ops (torch.ops.ddpm_fast.*) and their Python wrappers in ddpm_fast.ops.
+
+Every op is checked against a float64 reference and against the PyTorch ops it replaces, with the rule
+|ours - fp64| <= 2 * |torch same precision - fp64| + floor(dtype).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast import _native, ops
+
+native = pytest.mark.skipif(not _native.available(), reason=f"native extension unavailable: {_native.load_error()}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_close_rule(ours, torch_same, ref, dtype, what=""):
+    e_ours, e_torch = _err(ours, ref), _err(torch_same, ref)
+    assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{what}: ours {e_ours:.3g} vs torch {e_torch:.3g} ({dtype})"
+
+
+def _layout(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if fmt == "strided":  # a non-contiguous view: every other column of a wider tensor
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- group norm
+
+GN_SHAPES = [(2, 96, 7, 5, 8), (1, 64, 1, 1, 32), (2, 32, 4, 64, 8), (1, 256, 16, 16, 32), (3, 6, 3, 3, 3)]
+
+
+@native
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_silu_matches_reference(shape, fmt, dtype):
+    N, C, H, W, G = shape
+    g = torch.Generator().manual_seed(hash((shape, fmt)) % 2**31)
+    x = _layout((torch.randn(N, C, H, W, generator=g) * 2 + 0.5).to(dtype), fmt)
+    w = torch.randn(C, generator=g).to(dtype)
+    b = torch.randn(C, generator=g).to(dtype)
+    t = torch.randn(N, C, generator=g).to(dtype)
+    for temb, silu, affine in [(None, True, True), (t, True, True), (t, False, False), (None, False, True)]:
+        ww, bb = (w, b) if affine else (None, None)
+        out = torch.ops.ddpm_fast.group_norm_silu(x, G, ww, bb, 1e-5, temb, silu)
+        xd = x.double() + (temb.double()[:, :, None, None] if temb is not None else 0)
+        ref = F.group_norm(xd, G, None if ww is None else ww.double(), None if bb is None else bb.double(), 1e-5)
+        ref = F.silu(ref) if silu else ref
+        xs = x + temb[:, :, None, None] if temb is not None else x
+        same = F.group_norm(xs.contiguous(), G, ww, bb, 1e-5)  # torch's channels_last GroupNorm is less stable
+        same = F.silu(same) if silu else same
+        assert out.dtype == dtype and out.shape == x.shape
+        _assert_close_rule(out, same, ref, dtype, f"temb={temb is not None} silu={silu} affine={affine}")
+        if fmt == "channels_last" and H * W > 1:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert out.is_contiguous()
+
+
+@native
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_group_norm_large_mean_is_stable(fmt):
+    torch.manual_seed(0)
+    x = _layout(1e4 + torch.randn(2, 64, 16, 16), fmt)
+    t = torch.randn(2, 64)
+    ref = F.group_norm(x.double() + t.double()[:, :, None, None], 8)
+    torch_nchw = F.group_norm((x + t[:, :, None, None]).contiguous(), 8)
+    out = ops.group_norm_silu(x, 8, temb=t, silu=False)
+    assert _err(out, ref) <= 2 * _err(torch_nchw, ref) + 1e-5
+    assert _err(out, ref) < 5e-3  # E[x^2]-E[x]^2 in fp32 would give errors of order 1 here
+
+
+@native
+def test_group_norm_fp32_params_with_half_input():
+    x = torch.randn(2, 32, 5, 5).to(torch.bfloat16)
+    w, b = torch.randn(32), torch.randn(32)
+    out = ops.group_norm_silu(x, 8, w, b)
+    ref = F.silu(F.group_norm(x.double(), 8, w.double(), b.double()))
+    assert out.dtype == torch.bfloat16 and _err(out, ref) < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+ATTN_CASES = [  # B, H, L, S, D, Dv
+    (1, 1, 256, 256, 256, 256),
+    (2, 3, 7, 9, 5, 5),
+    (1, 1, 1, 1, 512, 512),
+    (1, 2, 100, 130, 33, 17),
+    (1, 1, 64, 64, 520, 520),
+    (1, 1, 13, 4099, 8, 8),
+]
+
+
+@native
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_matches_reference(case, dtype):
+    B, H, L, S, D, Dv = case
+    g = torch.Generator().manual_seed(sum(case))
+    q = torch.randn(B, H, L, D, generator=g).to(dtype)
+    k = torch.randn(B, H, S, D, generator=g).to(dtype)
+    v = torch.randn(B, H, S, Dv, generator=g).to(dtype)
+    for scale in (None, 0.3):
+        out = torch.ops.ddpm_fast.attention(q, k, v, scale)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+        same = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        assert out.shape == same.shape and out.dtype == dtype and out.is_contiguous()
+        _assert_close_rule(out, same, ref, dtype, f"scale={scale}")
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_on_unet_views_and_transposes(dtype):
+    torch.manual_seed(1)
+    B, S, C = 2, 37, 24
+    qkv = torch.randn(B, S, 3 * C).to(dtype)  # one packed projection, split into strided views
+    q, k, v = (t.unsqueeze(1) for t in qkv.split(C, dim=-1))
+    kt = torch.randn(B, 1, C, S).to(dtype).transpose(-1, -2)  # last-dim stride != 1: copied
+    q3 = torch.randn(B, C, S).to(dtype).transpose(1, 2)  # 3-D (B, S, C) transposed view
+    for qq, kk, vv in [(q, k, v), (q, kt, v), (q3, q3, q3)]:
+        out = ops.attention(qq, kk, vv)
+        ref = F.scaled_dot_product_attention(qq.double(), kk.double(), vv.double())
+        _assert_close_rule(out, F.scaled_dot_product_attention(qq, kk, vv), ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- scheduler step
+
+
+def _step_ref(e, x, n, ax, ae, c0, c1, c2, s, clip):
+    x0 = ax * x + ae * e
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    prev = c0 * x0 + c1 * x + c2 * e
+    return (prev + s * n if n is not None else prev), x0
+
+
+@native
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 7, 5), (1, 1, 1, 1)], ids=str)
+def test_scheduler_step_matches_reference(fmt, dtype, shape):
+    g = torch.Generator().manual_seed(3)
+    e, x, n = (_layout(torch.randn(shape, generator=g).to(dtype), fmt) for _ in range(3))
+    coefs = (1.3, -0.4, 0.6, 0.35, 0.05)
+    for noise, scale, clip in [(n, 0.2, 1.0), (None, 0.0, None), (n, 0.0, 0.5)]:
+        prev, x0 = ops.scheduler_step(e, x, noise, coefs[:2], coefs[2:], scale, clip)
+        rp, r0 = _step_ref(e.double(), x.double(), None if noise is None else noise.double(), *coefs, scale, clip)
+        sp, s0 = _step_ref(e, x, noise, *coefs, scale, clip)
+        assert prev.dtype == dtype and prev.shape == x.shape
+        _assert_close_rule(prev, sp, rp, dtype, "prev")
+        _assert_close_rule(x0, s0, r0, dtype, "x0")
+        if fmt == "channels_last":
+            assert prev.stride() == x.stride()
+
+
+# ---------------------------------------------------------------------------------------------- opcheck / compile
+
+
+@native
+def test_opcheck_all_ops():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 3)
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default,
+                              (xx, 4, torch.randn(16), torch.randn(16), 1e-5, torch.randn(2, 16), True))
+        torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (xx, 8, None, None, 1e-6, None, False))
+    q, k, v = torch.randn(1, 2, 7, 9), torch.randn(1, 2, 11, 9), torch.randn(1, 2, 11, 5)
+    torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q, k, v, None))
+    torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q[0], k[0], v[0], 0.5))
+    e, s, n = torch.randn(3, 1, 3, 4, 4).unbind(0)
+    torch.library.opcheck(torch.ops.ddpm_fast.scheduler_step.default, (e, s, n, 1.0, -0.5, 0.4, 0.5, 0.1, 0.3, 1.0))
+    torch.library.opcheck(torch.ops.ddpm_fast.scheduler_step.default,
+                          (e, s.transpose(2, 3), None, 1.0, -0.5, 0.4, 0.5, 0.1, 0.0, None))
+
+
+@native
+@pytest.mark.parametrize("which", ["group_norm_silu", "attention", "scheduler_step"])
+def test_torch_compile_fullgraph(which):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if which == "group_norm_silu":
+        args = (torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(1, 8))
+        fn = lambda x, t: ops.group_norm_silu(x, 4, temb=t) * 2  # noqa: E731
+    elif which == "attention":
+        args = tuple(torch.randn(1, 1, 6, 8) for _ in range(3))
+        fn = lambda q, k, v: ops.attention(q, k, v) + 1  # noqa: E731
+    else:
+        args = tuple(torch.randn(1, 3, 4, 4) for _ in range(3))
+        fn = lambda e, x, n: ops.scheduler_step(e, x, n, (1.1, -0.2), (0.5, 0.4, 0.1), 0.3, 1.0)[0]  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+@native
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 12, 4, 4)
+    op = torch.ops.ddpm_fast
+    cases = [
+        (lambda: ops.group_norm_silu(x, 5), ValueError, "divide"),
+        (lambda: op.group_norm_silu(x, 5, None, None, 1e-5, None, True), RuntimeError, "divisible"),
+        (lambda: ops.group_norm_silu(x, 4, torch.randn(11)), ValueError, "weight"),
+        (lambda: op.group_norm_silu(x, 4, torch.randn(11), None, 1e-5, None, True), RuntimeError, "weight"),
+        (lambda: ops.group_norm_silu(x, 4, temb=torch.randn(2, 11)), ValueError, "temb"),
+        (lambda: op.group_norm_silu(x, 4, None, None, 1e-5, torch.randn(12), True), RuntimeError, "temb"),
+        (lambda: ops.group_norm_silu(x, 4, temb=torch.randn(2, 12).double()), ValueError, "temb"),
+        (lambda: ops.group_norm_silu(x[0], 4), ValueError, "4-D"),
+        (lambda: op.group_norm_silu(x[0], 4, None, None, 1e-5, None, True), RuntimeError, "4-D"),
+        (lambda: ops.group_norm_silu(x.int(), 4), TypeError, "x"),
+        (lambda: ops.attention(x, x, x.double()), ValueError, "dtype"),
+        (lambda: op.attention(x, x, x.half(), None), RuntimeError, "dtype"),
+        (lambda: ops.attention(x, x[..., :3], x), ValueError, "last dim"),
+        (lambda: op.attention(x, x[..., :3], x, None), RuntimeError, "last dim"),
+        (lambda: ops.attention(x[0, 0], x[0, 0], x[0, 0]), ValueError, "4-D"),
+        (lambda: ops.scheduler_step(x, x[:1], None, (1, 1), (1, 1, 1)), ValueError, "shape"),
+        (lambda: op.scheduler_step(x, x.half(), None, 1, 1, 1, 1, 1, 0, None), RuntimeError, "dtype"),
+        (lambda: ops.scheduler_step(x, x, x.half(), (1, 1), (1, 1, 1), 1.0), ValueError, "noise"),
+        (lambda: ops.scheduler_step(x, x, None, (1,), (1, 1, 1)), ValueError, "x0_coefs"),
+    ]
+    for fn, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            fn()
+    if torch.device("meta") != x.device:  # mixed devices (meta stands in for a second device)
+        with pytest.raises(ValueError, match="device"):
+            ops.group_norm_silu(x, 4, torch.randn(12, device="meta"))
+
+
+# ---------------------------------------------------------------------------------------------- loader / fallback
+
+
+def test_version_mismatch_message_names_both_versions(monkeypatch):
+    fake = types.SimpleNamespace(torch_version="1.2.3", with_cuda=False)
+    monkeypatch.setattr(_native.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.delenv("DDPM_FAST_DISABLE_NATIVE", raising=False)
+    with pytest.raises(_native.NativeExtensionError) as info:
+        _native.load()
+    assert "1.2.3" in str(info.value) and torch.__version__ in str(info.value)
+    assert not _native.available() and not _native.has_cuda()
+
+
+def test_autograd_uses_composite_and_gradients_flow():
+    x = torch.randn(1, 8, 3, 3, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    ops.group_norm_silu(x, 4, w, None).sum().backward()
+    assert x.grad is not None and w.grad is not None
+    q = torch.randn(1, 1, 5, 4, requires_grad=True)
+    ops.attention(q, q, q).sum().backward()
+    assert q.grad is not None
+
+
+_SUBPROCESS_CHECK = """
+import torch, torch.nn.functional as F
+from ddpm_fast import ops, _native
+x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+t = torch.randn(2, 24)
+ref = F.silu(F.group_norm((x + t[:, :, None, None]).double(), 8))
+assert (ops.group_norm_silu(x, 8, temb=t).double() - ref).abs().max() < 1e-5
+q, k, v = torch.randn(1, 2, 19, 40), torch.randn(1, 2, 70, 40), torch.randn(1, 2, 70, 9)
+ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+assert (ops.attention(q, k, v).double() - ref).abs().max() < 1e-5
+p, x0 = ops.scheduler_step(x, x, x, (1.0, 0.5), (0.5, 0.25, 0.125), 0.5, 1.0)
+assert (x0 - (1.5 * x).clamp(-1, 1)).abs().max() < 1e-6
+print(_native.cpu_isa() if _native.available() else "composite")
+"""
+
+
+@pytest.mark.parametrize("env", [{"DDPM_FAST_CPU_ISA": "default"}, {"DDPM_FAST_DISABLE_NATIVE": "1"}],
+                         ids=["baseline-isa", "no-native"])
+def test_other_kernel_builds_in_subprocess(env):
+    """The baseline (non-AVX2) kernels and the pure-PyTorch fallback give the same results."""
+    if "DDPM_FAST_CPU_ISA" in env and not _native.available():
+        pytest.skip("native extension unavailable")
+    res = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ("DEFAULT" if "DDPM_FAST_CPU_ISA" in env else "composite")
