@@ -5,7 +5,7 @@ shapes of the cifar10-32 and 256-px google/ddpm UNets, batch 1 and 16: the media
 fused time, the speedup, and the fused op's effective bandwidth next to a copy bandwidth measured in the
 same run. The two sides are timed in interleaved rounds so machine noise hits both alike.
 
-    python -m ddpm_fast.bench kernels [--json PATH] [--quick] [--dtype float32] [--rounds 7]
+    python -m ddpm_fast.bench kernels [--json PATH] [--quick] [--dtype float32] [--rounds 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (medians are reported)")
     p.add_argument("--ops", default="group_norm_silu,attention,scheduler_step", help="comma-separated subset")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     wanted = set(args.ops.split(","))
     bw = copy_bandwidth(args.rounds)
