@@ -292,3 +292,29 @@ def test_bad_forward_inputs(pairs):
     _, _, conditioned = pairs("class_embeds")
     with torch.no_grad(), pytest.raises(ValueError, match="class_labels"):
         conditioned(sample, timestep)
+
+
+CIFAR10_CONFIG = dict(
+    act_fn="silu", attention_head_dim=None, block_out_channels=[128, 256, 256, 256], center_input_sample=False,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], downsample_padding=0,
+    flip_sin_to_cos=False, freq_shift=1, in_channels=3, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-06,
+    norm_num_groups=32, out_channels=3, sample_size=32, time_embedding_type="positional",
+    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+)
+DDPM_256_CONFIG = dict(
+    CIFAR10_CONFIG, block_out_channels=[128, 128, 256, 256, 512, 512], sample_size=256,
+    down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+)
+
+
+@pytest.mark.parametrize("config, n_params", [(CIFAR10_CONFIG, 35_746_307), (DDPM_256_CONFIG, 113_673_219)],
+                         ids=["ddpm-cifar10-32", "ddpm-256"])
+def test_real_checkpoint_architectures(config, n_params):
+    """The google/ddpm-* architectures: same keys and shapes as diffusers, published parameter counts
+    (built on the meta device: no memory, no initialisation)."""
+    with torch.device("meta"):
+        ours = UNet2DModel(**config)
+        ref = diffusers.UNet2DModel(**config)
+    assert ours.num_parameters() == n_params
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]

@@ -85,6 +85,8 @@ class ModelMixin(nn.Module):
             raise TypeError(f"save_pretrained() got unexpected keyword argument(s): {sorted(unknown)}")
         if kwargs.get("push_to_hub"):
             raise NotImplementedError("push_to_hub is not supported; upload the folder with huggingface_hub")
+        if kwargs.get("max_shard_size") is not None:
+            raise NotImplementedError("max_shard_size: writing sharded checkpoints is not supported (loading them is)")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; pass a folder")
         if not is_main_process:
