@@ -55,6 +55,10 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(query_dim, self.inner_dim, bias=bias)
         self.to_v = nn.Linear(query_dim, self.inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        # Concatenated to_q/to_k/to_v weight for the fused path: built on first use, rebuilt when any of
+        # them changes; a plain attribute, so state-dict keys stay diffusers'.
+        self._qkv_key: tuple | None = None
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.ndim != 4:
@@ -93,13 +97,46 @@ class Attention(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         return self._output(attn, residual, q.dtype)
 
+    def _packed_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layers = (self.to_q, self.to_k, self.to_v)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for layer in layers
+                    for t in (layer.weight, layer.bias) if t is not None)
+        if key != getattr(self, "_qkv_key", None) or self._qkv is None:
+            with torch.no_grad():
+                weight = torch.cat([layer.weight for layer in layers], dim=0)
+                biases = [layer.bias for layer in layers]
+                bias = torch.cat(biases, dim=0) if all(b is not None for b in biases) else None
+            self._qkv, self._qkv_key = (weight, bias), key
+        return self._qkv
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half(): the packed copy is stale
+        self._qkv = self._qkv_key = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _forward_fused(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """GroupNorm, one packed QKV GEMM, the native attention on strided views, to_out, then the residual
+        add and the rescale in place.  On channels_last activations every (B, C, H, W) <-> (B, HW, C)
+        change of view is free."""
         residual = hidden_states
-        batch = hidden_states.shape[0]
+        batch, channel, height, width = hidden_states.shape
         if self.group_norm is not None:
             g = self.group_norm
             hidden_states = ops.group_norm_silu(hidden_states, g.num_groups, g.weight, g.bias, g.eps, silu=False)
         hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self._project(hidden_states, batch)
+        weight, bias = self._packed_qkv()
+        qkv = F.linear(hidden_states, weight, bias)
+        if bias is None and (self.to_q.bias is not None or self.to_k.bias is not None or self.to_v.bias is not None):
+            qkv = qkv + torch.cat([
+                layer.bias if layer.bias is not None else layer.weight.new_zeros(self.inner_dim)
+                for layer in (self.to_q, self.to_k, self.to_v)
+            ])
+        q, k, v = (t.view(batch, -1, self.heads, self.dim_head).transpose(1, 2) for t in qkv.split(self.inner_dim, dim=-1))
         attn = ops.attention(q, k, v, self.scale)
-        return self._output(attn, residual, q.dtype)
+        out = attn.transpose(1, 2).reshape(batch, -1, self.inner_dim).to(q.dtype)
+        out = self.to_out[1](self.to_out[0](out))  # (B, HW, C)
+        out = out.transpose(1, 2).reshape(batch, channel, height, width)  # channels_last view when contiguous
+        if self.residual_connection:
+            out = out.add_(residual) if out.shape == residual.shape else out + residual
+        if self.rescale_output_factor != 1.0:
+            out = out.div_(self.rescale_output_factor)
+        return out

@@ -122,6 +122,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return None
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 has no device argument
+        return bool(torch.is_autocast_cpu_enabled()) if device_type == "cpu" else bool(torch.is_autocast_enabled())
+
+
 def _is_compiling() -> bool:
     try:
         return bool(torch.compiler.is_compiling())
@@ -156,7 +163,30 @@ class Conv2d(nn.Conv2d):
             return False
         if _is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
+        if _autocast_on("cpu"):  # autocast decides the dtype itself: leave it to F.conv2d
+            return False
         return True
+
+    def _cuda_channels_last_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """On CUDA (fused backend, inference): a channels_last copy of the weight, made once, so that cuDNN
+        runs NHWC kernels on channels_last activations without converting the weight on every call."""
+        w = self.weight
+        if (
+            x.device.type != "cuda" or x.dim() != 4 or w.device != x.device or w.dtype != x.dtype
+            or not use_fused() or self.padding_mode != "zeros"
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or _is_compiling() or _autocast_on("cuda")
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return None
+        if w.is_contiguous(memory_format=torch.channels_last):
+            return w
+        key = ("cuda", w.data_ptr(), w._version, w.dtype, w.device)
+        if key != self._packed_key or self._packed is None:
+            self._packed = (w.detach().contiguous(memory_format=torch.channels_last), None)
+            self._packed_key = key
+            _STATS["packs"] += 1
+        return self._packed[0]
 
     def _weights_for(self, x: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.weight, self.bias
@@ -231,6 +261,16 @@ class Conv2d(nn.Conv2d):
                 if output_scale != 1.0:
                     y = y.div_(output_scale)
                 return y
+        w_cl = self._cuda_channels_last_weight(x) if x.device.type == "cuda" else None
+        if w_cl is not None:
+            y = self._conv_forward(x, w_cl, self.bias)
+            if other is not None:
+                y = y.add_(other) if y.shape == other.shape else y + other
+            if silu:
+                y = F.silu(y, inplace=True)
+            if output_scale != 1.0:
+                y = y.div_(output_scale)
+            return y
         return self._finish_unfused(self._conv_forward(x, self.weight, self.bias), other, silu, output_scale)
 
     @staticmethod

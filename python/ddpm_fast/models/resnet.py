@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..backend import use_fused
+from .conv import Conv2d
 from .embeddings import get_activation
 
 FIR_KERNEL = (1, 3, 3, 1)
@@ -96,7 +97,7 @@ class FirUpsample2D(nn.Module):
         super().__init__()
         out_channels = out_channels if out_channels else channels
         if use_conv:
-            self.Conv2d_0 = nn.Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
+            self.Conv2d_0 = Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.use_conv = use_conv
         self.fir_kernel = fir_kernel
         self.out_channels = out_channels
@@ -127,7 +128,7 @@ class FirDownsample2D(nn.Module):
         super().__init__()
         out_channels = out_channels if out_channels else channels
         if use_conv:
-            self.Conv2d_0 = nn.Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
+            self.Conv2d_0 = Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.fir_kernel = fir_kernel
         self.use_conv = use_conv
         self.out_channels = out_channels
@@ -162,7 +163,7 @@ class Downsample2D(nn.Module):
         self.use_conv = use_conv
         self.padding = padding
         if use_conv:
-            self.conv = nn.Conv2d(self.channels, self.out_channels, kernel_size=3, stride=2, padding=padding)
+            self.conv = Conv2d(self.channels, self.out_channels, kernel_size=3, stride=2, padding=padding)
         else:
             if self.channels != self.out_channels:
                 raise ValueError("Downsample2D without a conv cannot change the channel count")
@@ -182,7 +183,7 @@ class Upsample2D(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.conv = nn.Conv2d(self.channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
+        self.conv = Conv2d(self.channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         # upsample_nearest_nhwc fails for large batches and huge outputs (diffusers issues 984, pytorch 141831).
@@ -245,7 +246,7 @@ class ResnetBlock2D(nn.Module):
         groups_out = groups if groups_out is None else groups_out
 
         self.norm1 = make_group_norm(groups, in_channels, eps, "ResnetBlock2D.norm1")
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels is None:
             self.time_emb_proj = None
         else:
@@ -253,7 +254,7 @@ class ResnetBlock2D(nn.Module):
             self.time_emb_proj = nn.Linear(temb_channels, proj_out)
         self.norm2 = make_group_norm(groups_out, out_channels, eps, "ResnetBlock2D.norm2")
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = get_activation(non_linearity)
 
         # Resamplers hold no parameters; kept as plain callables or parameter-free modules.
@@ -268,7 +269,7 @@ class ResnetBlock2D(nn.Module):
         self.use_in_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = None
         if self.use_in_shortcut:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0,
+            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0,
                                            bias=conv_shortcut_bias)
 
     def _resample(self, input_tensor: torch.Tensor, hidden_states: torch.Tensor):
@@ -296,6 +297,14 @@ class ResnetBlock2D(nn.Module):
                 input_tensor = input_tensor.contiguous()
             input_tensor = self.conv_shortcut(input_tensor)
         return (input_tensor + hidden_states) / self.output_scale_factor
+
+    def _finish_fused(self, input_tensor: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(shortcut(x) + conv2(dropout(h))) / output_scale_factor`` with the add and the scale folded
+        into conv2 (oneDNN's sum post-op on the CPU)."""
+        hidden_states = self.dropout(hidden_states)
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return self.conv2.forward_fused(hidden_states, other=input_tensor, output_scale=self.output_scale_factor)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(self.nonlinearity, nn.SiLU) and fused_path_allowed(self, input_tensor):
@@ -336,4 +345,4 @@ class ResnetBlock2D(nn.Module):
             time_scale, time_shift = torch.chunk(temb[:, :, None, None], 2, dim=1)
             hidden_states = self.norm2(hidden_states)
             hidden_states = F.silu(hidden_states * (1 + time_scale) + time_shift)
-        return self._finish(input_tensor, hidden_states)
+        return self._finish_fused(input_tensor, hidden_states)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .conv import Conv2d
 from .. import ops
 from ..configuration import ConfigMixin, register_to_config
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
@@ -81,7 +82,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         )
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=(1, 1))
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=(1, 1))
 
         # time
         if time_embedding_type == "fourier":
@@ -179,7 +180,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         num_groups_out = norm_num_groups if norm_num_groups is not None else min(block_out_channels[0] // 4, 32)
         self.conv_norm_out = make_group_norm(num_groups_out, block_out_channels[0], norm_eps, "conv_norm_out")
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
     @staticmethod
     def _validate_config(down_block_types, up_block_types, block_out_channels, time_embedding_type, class_embed_type,
@@ -267,6 +268,12 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         ``UNet2DOutput(sample=...)``, or ``(sample,)`` when ``return_dict`` is False.
         """
         self._check_sample(sample)
+        # Fused path: activations run channels_last (packed oneDNN convs on the CPU produce it; on CUDA the
+        # input is converted once here); the output comes back in the input's memory format.
+        fused = fused_path_allowed(self, sample)
+        input_is_nchw = sample.is_contiguous()
+        if fused and sample.device.type == "cuda" and sample.shape[1] > 1:
+            sample = sample.contiguous(memory_format=torch.channels_last)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -324,6 +331,9 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             sample += skip_sample
         if self.config.time_embedding_type == "fourier":
             sample = sample / timesteps.reshape((sample.shape[0], *([1] * len(sample.shape[1:]))))
+
+        if fused and input_is_nchw and not sample.is_contiguous():
+            sample = sample.contiguous()
 
         if not return_dict:
             return (sample,)

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .conv import Conv2d
 from .attention import Attention
 from .resnet import Downsample2D, FirDownsample2D, FirUpsample2D, ResnetBlock2D, Upsample2D, make_group_norm
 
@@ -214,7 +215,7 @@ def _add_skip_downsampler(block: nn.Module, add_downsample: bool, out_channels: 
                                           groups=_skip_groups(out_channels), use_in_shortcut=True, down=True,
                                           kernel="fir", **kw)
         block.downsamplers = nn.ModuleList([FirDownsample2D(out_channels, out_channels=out_channels)])
-        block.skip_conv = nn.Conv2d(3, out_channels, kernel_size=(1, 1), stride=(1, 1))
+        block.skip_conv = Conv2d(3, out_channels, kernel_size=(1, 1), stride=(1, 1))
     else:
         block.resnet_down = None
         block.downsamplers = None
@@ -471,7 +472,7 @@ def _add_skip_upsampler(block: nn.Module, add_upsample: bool, in_channels: int, 
         groups = _skip_groups(out_channels)
         block.resnet_up = ResnetBlock2D(in_channels=out_channels, out_channels=out_channels, groups=groups,
                                         groups_out=groups, use_in_shortcut=True, up=True, kernel="fir", **kw)
-        block.skip_conv = nn.Conv2d(out_channels, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+        block.skip_conv = Conv2d(out_channels, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
         block.skip_norm = make_group_norm(groups, out_channels, eps, "skip_norm")
         block.act = nn.SiLU()
     else:
