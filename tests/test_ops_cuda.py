@@ -1,0 +1,407 @@
+"""CUDA kernels of ``torch.ops.ddpm_fast``: every op against a float64 reference and the PyTorch op it replaces.
+
+Rule (from flash-attention's tests): the kernel's error against float64 must be no worse than twice the error of
+the same-precision PyTorch implementation, plus a small floor. Odd sizes, both memory formats, strided views,
+unaligned storage, large means, bad inputs, ``torch.library.opcheck`` and CUDA-graph capture.
+Skipped without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+# On a GPU machine the extension must be there and built with CUDA: a missing build is a failure, not a skip.
+_C = importlib.import_module("ddpm_fast._C")
+importlib.import_module("ddpm_fast.ops")  # registers fake kernels, if the package provides them
+if not getattr(_C, "with_cuda", False):
+    raise RuntimeError("ddpm_fast._C was built without CUDA kernels on a machine with a GPU; rebuild with nvcc on PATH")
+
+OPS = torch.ops.ddpm_fast
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Error floors relative to the reference's magnitude (the output rounding of each dtype).
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _randn(shape, seed, dtype=torch.float32, scale=1.0, shift=0.0):
+    return (torch.randn(shape, generator=_gen(seed), device=DEV, dtype=torch.float32) * scale + shift).to(dtype)
+
+
+def _assert_close_rule(ours: torch.Tensor, theirs: torch.Tensor, ref64: torch.Tensor, dtype, what: str):
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert ours.dtype == dtype, f"{what}: dtype {ours.dtype} != {dtype}"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite output"
+    mag = ref64.abs().max().item() if ref64.numel() else 1.0
+    mag = max(mag, 1e-6)
+    err = (ours.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    err_torch = (theirs.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    bound = 2 * err_torch + FLOOR[dtype] * mag
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (PyTorch's error {err_torch:.3g}, |ref| {mag:.3g})"
+
+
+def _has_fake(fn, *args) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    try:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with mode:
+            fn(*fake_args)
+        return True
+    except Exception:
+        return False
+
+
+def _opcheck(op, args):
+    """Full opcheck when a fake kernel is registered (by ddpm_fast.ops); schema/autograd checks otherwise."""
+    if _has_fake(op, *args):
+        torch.library.opcheck(op, args)
+    else:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------------ group_norm_silu
+
+
+def _gn_ref(x, groups, w, b, eps, temb, silu):
+    if temb is not None:
+        x = x + temb[:, :, None, None] if x.dim() == 4 else x + temb.reshape(*temb.shape, *([1] * (x.dim() - 2)))
+    y = F.group_norm(x, groups, w, b, eps)
+    return F.silu(y) if silu else y
+
+
+def _gn_case(shape, groups, dtype, channels_last, silu, use_temb, affine=True, shift=0.0, seed=0, param_dtype=None):
+    N, C = shape[0], shape[1]
+    x = _randn(shape, seed, dtype, shift=shift)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pdt = param_dtype or dtype
+    w = _randn((C,), seed + 1, pdt, scale=0.5, shift=1.0) if affine else None
+    b = _randn((C,), seed + 2, pdt, scale=0.5) if affine else None
+    temb = _randn((N, C), seed + 3, dtype) if use_temb else None
+    eps = 1e-6 if shift else 1e-5
+    ours = OPS.group_norm_silu(x, groups, w, b, eps, temb, silu)
+    # PyTorch in the same precision (fp32 params promoted like a module would: cast to x's dtype).
+    pw = None if w is None else w.to(dtype)
+    pb = None if b is None else b.to(dtype)
+    theirs = _gn_ref(x, groups, pw, pb, eps, temb, silu)
+    ref64 = _gn_ref(
+        x.double(), groups, None if w is None else w.double(), None if b is None else b.double(), eps,
+        None if temb is None else temb.double(), silu,
+    )
+    return x, ours, theirs, ref64
+
+
+GN_SHAPES = [
+    ((1, 256, 16, 16), 32),  # batch 1: split-reduction path
+    ((2, 64, 8, 8), 32),  # cpg 2
+    ((1, 96, 5, 7), 32),  # odd H, W
+    ((3, 48, 9, 9), 16),  # cpg 3: no vector path along C
+    ((2, 40, 1, 1), 8),  # H = W = 1 (contiguous and channels_last at once)
+    ((4, 128, 32, 32), 32),
+    ((1, 512, 8, 8), 32),
+    ((2, 12, 3, 5), 1),  # one group
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,groups", GN_SHAPES, ids=lambda v: str(v))
+def test_group_norm_silu_matches_reference(shape, groups, dtype, channels_last):
+    for silu, use_temb in [(True, True), (False, False)]:
+        x, ours, theirs, ref64 = _gn_case(shape, groups, dtype, channels_last, silu, use_temb)
+        _assert_close_rule(ours, theirs, ref64, dtype, f"group_norm_silu{shape} g={groups} silu={silu} temb={use_temb}")
+        fmt = torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
+        assert ours.is_contiguous(memory_format=fmt), "output must keep the input's memory format"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_silu_no_affine_and_fp32_params(dtype):
+    x, ours, theirs, ref64 = _gn_case((2, 64, 6, 6), 32, dtype, True, True, True, affine=False)
+    _assert_close_rule(ours, theirs, ref64, dtype, "no weight/bias")
+    x, ours, theirs, ref64 = _gn_case((2, 64, 6, 6), 32, dtype, False, True, True, param_dtype=torch.float32)
+    _assert_close_rule(ours, theirs, ref64, dtype, "fp32 weight/bias")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,shift", [(torch.float32, 1e4), (torch.float16, 300.0), (torch.bfloat16, 500.0)], ids=str)
+def test_group_norm_silu_large_mean_is_stable(dtype, shift, channels_last):
+    # |mean| >> std: E[x^2] - E[x]^2 would lose every digit here; Welford/Chan must not.
+    for shape in [(1, 256, 16, 16), (2, 64, 7, 9)]:
+        x, ours, _, ref64 = _gn_case(shape, 32, dtype, channels_last, False, False, shift=shift)
+        err = (ours.double() - ref64).abs().max().item()
+        # x itself is exact in both; errors come from the fp32 mean (|mean| * 2^-24 / std) and output rounding.
+        tol = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype] * ref64.abs().max().item()
+        assert err <= tol, f"large mean {shift} {dtype} {shape}: error {err:.3g} > {tol:.3g}"
+
+
+def test_group_norm_silu_strided_unaligned_and_3d():
+    base = _randn((2 * 64 * 8 * 8 + 1,), 5)
+    x = base[1:].view(2, 64, 8, 8)  # storage offset 1: unaligned, scalar path
+    out = OPS.group_norm_silu(x, 32, None, None, 1e-5, None, True)
+    torch.testing.assert_close(out, F.silu(F.group_norm(x, 32, eps=1e-5)), atol=2e-5, rtol=1e-5)
+    y = _randn((2, 64, 8, 16), 6)[..., ::2]  # non-contiguous: copied to contiguous first
+    out = OPS.group_norm_silu(y, 32, None, None, 1e-5, None, False)
+    torch.testing.assert_close(out, F.group_norm(y, 32, eps=1e-5), atol=2e-5, rtol=1e-5)
+    z = _randn((3, 64, 37), 7)
+    out = OPS.group_norm_silu(z, 16, None, None, 1e-5, None, True)
+    torch.testing.assert_close(out, F.silu(F.group_norm(z, 16, eps=1e-5)), atol=2e-5, rtol=1e-5)
+    empty = torch.empty(0, 64, 4, 4, device=DEV)
+    assert OPS.group_norm_silu(empty, 32, None, None, 1e-5, None, True).shape == empty.shape
+
+
+def test_group_norm_silu_bad_inputs():
+    x = _randn((2, 64, 4, 4), 8)
+    with pytest.raises(RuntimeError, match="divisible"):
+        OPS.group_norm_silu(x, 3, None, None, 1e-5, None, True)
+    with pytest.raises(RuntimeError, match="weight"):
+        OPS.group_norm_silu(x, 32, torch.ones(63, device=DEV), None, 1e-5, None, True)
+    with pytest.raises(RuntimeError, match="temb"):
+        OPS.group_norm_silu(x, 32, None, None, 1e-5, torch.ones(2, 32, device=DEV), True)
+    with pytest.raises(RuntimeError, match="bias"):
+        OPS.group_norm_silu(x, 32, None, torch.ones(64), 1e-5, None, True)  # CPU bias, CUDA x
+    with pytest.raises(RuntimeError, match="dtype"):
+        OPS.group_norm_silu(x.to(torch.int32), 32, None, None, 1e-5, None, True)
+    with pytest.raises(RuntimeError, match="num_groups"):
+        OPS.group_norm_silu(x, 0, None, None, 1e-5, None, True)
+
+
+def test_group_norm_silu_opcheck():
+    for cl in (False, True):
+        x = _randn((2, 64, 5, 5), 9)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        args = (x, 32, _randn((64,), 10), _randn((64,), 11), 1e-5, _randn((2, 64), 12), True)
+        _opcheck(OPS.group_norm_silu.default, args)
+    _opcheck(OPS.group_norm_silu.default, (_randn((1, 256, 16, 16), 13, torch.float16), 32, None, None, 1e-6, None, False))
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def _attn_ref64(q, k, v, scale):
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    w = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * s, dim=-1)
+    return w @ v.double()
+
+
+ATTN_SHAPES = [
+    (1, 1, 256, 256, 256),  # cifar10-32 UNet (split-K path)
+    (1, 1, 256, 256, 512),  # 256-px UNet head dim
+    (2, 3, 37, 37, 64),
+    (1, 2, 100, 100, 7),  # odd D
+    (1, 1, 1, 1, 1),
+    (2, 1, 33, 33, 130),
+    (1, 2, 50, 70, 64),  # L != S
+    (1, 1, 77, 45, 511),
+    (1, 1, 64, 64, 384),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,L,S,D", ATTN_SHAPES, ids=lambda v: str(v))
+def test_attention_matches_reference(B, H, L, S, D, dtype):
+    q = _randn((B, H, L, D), 20, dtype)
+    k = _randn((B, H, S, D), 21, dtype)
+    v = _randn((B, H, S, D), 22, dtype)
+    for scale in (None, 0.3):
+        ours = OPS.attention(q, k, v, scale)
+        theirs = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        _assert_close_rule(ours, theirs, _attn_ref64(q, k, v, scale), dtype, f"attention {(B, H, L, S, D)} scale={scale}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_long_sequence(dtype):
+    q, k, v = (_randn((1, 1, 4096, 64), 30 + i, dtype) for i in range(3))
+    ours = OPS.attention(q, k, v, None)
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    _assert_close_rule(ours, theirs, _attn_ref64(q, k, v, None), dtype, "attention S=4096")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_strided_views(dtype):
+    # The UNet hands views of one packed projection: (B, S, 3, H, D) -> three (B, H, S, D) views, last stride 1.
+    B, S, H, D = 2, 64, 2, 96
+    qkv = _randn((B, S, 3, H, D), 40, dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    ours = OPS.attention(q, k, v, None)
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    _assert_close_rule(ours, theirs, _attn_ref64(q, k, v, None), dtype, "packed-qkv views")
+    # Last-dim stride != 1: copied inside the op.
+    kt = _randn((B, H, D, S), 41, dtype).transpose(-1, -2)
+    ours = OPS.attention(q, kt, v, None)
+    theirs = F.scaled_dot_product_attention(q, kt, v)
+    _assert_close_rule(ours, theirs, _attn_ref64(q, kt, v, None), dtype, "transposed k")
+    # Unaligned storage offset: scalar loads.
+    buf = _randn((B * H * S * D + 1,), 42, dtype)
+    qu = buf[1:].view(B, H, S, D)
+    ours = OPS.attention(qu, k, v, None)
+    _assert_close_rule(ours, F.scaled_dot_product_attention(qu, k, v), _attn_ref64(qu, k, v, None), dtype, "unaligned q")
+    # 3-D input (B, S, D).
+    q3 = _randn((3, 20, 32), 43, dtype)
+    ours = OPS.attention(q3, q3, q3, None)
+    _assert_close_rule(ours, F.scaled_dot_product_attention(q3, q3, q3), _attn_ref64(q3, q3, q3, None), dtype, "3-D")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_value_dim_differs(dtype):
+    # SDPA allows v's head dim to differ from q/k's; so does the kernel.
+    q, k = _randn((2, 1, 45, 24), 44, dtype), _randn((2, 1, 60, 24), 45, dtype)
+    for dv in (40, 300):
+        v = _randn((2, 1, 60, dv), 46, dtype)
+        ours = OPS.attention(q, k, v, None)
+        _assert_close_rule(ours, F.scaled_dot_product_attention(q, k, v), _attn_ref64(q, k, v, None), dtype, f"Dv={dv}")
+
+
+def test_attention_large_scores_are_stable():
+    # Scores around 1e3: the online softmax must subtract the running max.
+    q = _randn((1, 1, 128, 64), 50, scale=4.0)
+    k = _randn((1, 1, 128, 64), 51, scale=4.0)
+    v = _randn((1, 1, 128, 64), 52)
+    ours = OPS.attention(q, k, v, 1.0)
+    ref = _attn_ref64(q, k, v, 1.0)
+    theirs = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    assert torch.isfinite(ours).all()
+    # fp32 rounding of scores of size ~1e3 moves the weights by ~1e-4 in both implementations.
+    err, err_torch = (ours.double() - ref).abs().max().item(), (theirs.double() - ref).abs().max().item()
+    assert err <= max(2 * err_torch, 1e-3 * ref.abs().max().item()), f"large scores: {err:.3g} vs torch {err_torch:.3g}"
+
+
+def test_attention_bad_inputs():
+    q = _randn((1, 1, 8, 16), 60)
+    with pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
+        big = _randn((1, 1, 8, 520), 61)
+        OPS.attention(big, big, big, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        OPS.attention(q, q.half(), q, None)
+    with pytest.raises(RuntimeError, match="head dim"):
+        OPS.attention(q, _randn((1, 1, 8, 8), 62), q, None)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        OPS.attention(q, q, _randn((1, 1, 9, 16), 63), None)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        OPS.attention(q, q.cpu(), q, None)
+
+
+def test_attention_opcheck():
+    q, k, v = (_randn((1, 2, 40, 24), 70 + i) for i in range(3))
+    _opcheck(OPS.attention.default, (q, k, v, None))
+    _opcheck(OPS.attention.default, (q.half(), k.half(), v.half(), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ scheduler_step
+
+COEFS = dict(a_x=1.0 / 0.8, a_e=-0.6 / 0.8, c0=0.7, c1=0.25, c2=0.0, noise_scale=0.1)
+
+
+def _step_ref(e, s, n, a_x, a_e, c0, c1, c2, noise_scale, clip):
+    x0 = a_x * s + a_e * e
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    prev = c0 * x0 + c1 * s + c2 * e
+    if n is not None:
+        prev = prev + noise_scale * n
+    return prev, x0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 17, 19), (7,), (4, 5, 3, 3)], ids=str)
+def test_scheduler_step_matches_reference(shape, dtype):
+    e, s, n = (_randn(shape, 80 + i, dtype) for i in range(3))
+    for noise, clip, c2 in [(n, None, 0.0), (None, 1.0, 0.05), (n, 0.5, -0.2)]:
+        c = dict(COEFS, c2=c2)
+        prev, x0 = OPS.scheduler_step(e, s, noise, *c.values(), clip)
+        ref_prev, ref_x0 = _step_ref(e.double(), s.double(), None if noise is None else noise.double(), *c.values(), clip)
+        t_prev, t_x0 = _step_ref(e, s, noise, *c.values(), clip)
+        _assert_close_rule(prev, t_prev, ref_prev, dtype, f"scheduler_step prev {shape}")
+        _assert_close_rule(x0, t_x0, ref_x0, dtype, f"scheduler_step x0 {shape}")
+
+
+def test_scheduler_step_layouts_and_empty():
+    shape = (2, 3, 9, 11)
+    e, s, n = (_randn(shape, 90 + i) for i in range(3))
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (e, s, n)]
+    prev, x0 = OPS.scheduler_step(*cl, *COEFS.values(), None)
+    assert prev.is_contiguous(memory_format=torch.channels_last)
+    ref = _step_ref(e, s, n, *COEFS.values(), None)
+    torch.testing.assert_close(prev, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x0, ref[1], atol=1e-5, rtol=1e-5)
+    # Mixed layouts and an unaligned operand fall back to contiguous copies.
+    buf = _randn((e.numel() + 1,), 95)
+    eu = buf[1:].view(shape)
+    prev, x0 = OPS.scheduler_step(eu, cl[1], n, *COEFS.values(), 0.9)
+    ref = _step_ref(eu, s, n, *COEFS.values(), 0.9)
+    torch.testing.assert_close(prev, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x0, ref[1], atol=1e-5, rtol=1e-5)
+    # Learned-variance models: model_output[:, :3] of a 6-channel output is a non-contiguous view.
+    e6 = _randn((2, 6, 9, 11), 96)
+    prev, x0 = OPS.scheduler_step(e6[:, :3], s, None, *COEFS.values(), None)
+    torch.testing.assert_close(prev, _step_ref(e6[:, :3], s, None, *COEFS.values(), None)[0], atol=1e-5, rtol=1e-5)
+    z = torch.empty(0, 3, 4, 4, device=DEV)
+    prev, x0 = OPS.scheduler_step(z, z, None, *COEFS.values(), None)
+    assert prev.shape == z.shape and x0.shape == z.shape
+
+
+def test_scheduler_step_bad_inputs():
+    s = _randn((1, 3, 4, 4), 100)
+    with pytest.raises(RuntimeError, match="shape"):
+        OPS.scheduler_step(_randn((1, 3, 4, 5), 101), s, None, *COEFS.values(), None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        OPS.scheduler_step(s.half(), s, None, *COEFS.values(), None)
+    with pytest.raises(RuntimeError, match="noise"):
+        OPS.scheduler_step(s, s, s.cpu(), *COEFS.values(), None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        OPS.scheduler_step(s.double(), s.double(), None, *COEFS.values(), None)
+
+
+def test_scheduler_step_opcheck():
+    e, s, n = (_randn((2, 3, 8, 8), 110 + i) for i in range(3))
+    _opcheck(OPS.scheduler_step.default, (e, s, n, *COEFS.values(), 1.0))
+    _opcheck(OPS.scheduler_step.default, (e.half(), s.half(), None, *COEFS.values(), None))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+
+
+def test_ops_capture_in_cuda_graph():
+    # The sampler captures a whole denoising step: the kernels must not sync or allocate outside torch.
+    x = _randn((1, 256, 16, 16), 120, torch.float16).contiguous(memory_format=torch.channels_last)
+    temb = _randn((1, 256), 121, torch.float16)
+    q, k, v = (_randn((1, 1, 256, 512), 122 + i, torch.float16) for i in range(3))
+    e, s, n = (_randn((1, 3, 32, 32), 130 + i) for i in range(3))
+
+    def step():
+        y = OPS.group_norm_silu(x, 32, None, None, 1e-6, temb, True)
+        a = OPS.attention(q, k, v, None)
+        p, x0 = OPS.scheduler_step(e, s, n, *COEFS.values(), 1.0)
+        return y, a, p, x0
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.add_(0.5)  # change an input in place: the replay must see it
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = OPS.group_norm_silu(x, 32, None, None, 1e-6, temb, True)
+    torch.testing.assert_close(captured[0], expected, atol=0, rtol=0)
+    for got, want in zip(captured[1:], eager[1:]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
