@@ -134,7 +134,9 @@ class Attention(nn.Module):
         attn = ops.attention(q, k, v, self.scale)
         out = attn.transpose(1, 2).reshape(batch, -1, self.inner_dim).to(q.dtype)
         out = self.to_out[1](self.to_out[0](out))  # (B, HW, C)
-        out = out.transpose(1, 2).reshape(batch, channel, height, width)  # channels_last view when contiguous
+        # (B, HW, C) -> channels_last (B, C, H, W) view with canonical strides (so that F.pad and torch.cat
+        # downstream recognise the format even at batch 1)
+        out = out.reshape(batch, height, width, channel).permute(0, 3, 1, 2)
         if self.residual_connection:
             out = out.add_(residual) if out.shape == residual.shape else out + residual
         if self.rescale_output_factor != 1.0:
