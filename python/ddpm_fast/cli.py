@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 PROG = "ddpm-fast"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="keep existing images, sample only the missing ones")
     s.add_argument("--backend", choices=("fused", "reference"), default=None, help="implementation (default: fused)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--num-threads", "--threads", dest="num_threads", type=_positive_int("--num-threads"),
+                   default=None, help="torch CPU threads per process (default: torch's choice, which is "
+                   "OMP_NUM_THREADS=1 under torchrun); CPU pixels can depend on it, so keep it fixed across runs")
+    npz = s.add_mutually_exclusive_group()
+    npz.add_argument("--npz", default=None, metavar="PATH",
+                     help="where rank 0 writes all images as one .npz, key arr_0, uint8 NxHxWxC "
+                     "(default: DIR/samples_NxHxWxC.npz)")
+    npz.add_argument("--no-npz", action="store_true", help="write PNGs only")
+    s.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for a missing peer before failing (default: 1800)")
 
     t = sub.add_parser("train", help="train a DDPM on a folder of images or the built-in digits")
     t.add_argument("--data", required=True, help="folder of images, or 'digits' (scikit-learn's 8x8 digits)")
@@ -115,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-threads", type=_positive_int("--num-threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for a missing peer before failing (default: 1800)")
 
     sub.add_parser("bench", help="benchmarks (all arguments go to python -m ddpm_fast.bench)", add_help=False)
     return parser
@@ -126,61 +139,92 @@ def _parse_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _resolve_device(name: str | None):
+def run_sample(args: argparse.Namespace) -> int:
+    """``ddpm-fast sample``, alone or as one rank of a torchrun job (see docs/distributed.md)."""
     import torch
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import init_distributed
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device {name!r} is not a device (use cpu or cuda)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise CLIError(f"--device must be cpu or cuda, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available")
-    return device
+        dist = init_distributed(args.device, args.dist_timeout)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        return _sample(args, dist)
+    finally:
+        dist.close()
 
 
-def run_sample(args: argparse.Namespace) -> int:
+def _sample(args: argparse.Namespace, dist) -> int:
+    import numpy as np
     import torch
 
     from . import DDIMScheduler, DDPMPipeline
     from .backend import backend as use_backend
-    from .sampling import GRID_NAME, batch_indices, load_png, make_grid, pending_batches, prepare_output_dir, sample_images
+    from .sampling import (GRID_NAME, batch_indices, image_path, load_png, make_grid, pending_batches,
+                           prepare_output_dir, remove_stale_temp_files, sample_sharded, write_npz,
+                           write_png_atomic)
     from .weights import shipped_model_path
 
-    device = _resolve_device(args.device)
-    dtype = _parse_dtype(args.dtype)
     steps = args.steps if args.steps is not None else (1000 if args.scheduler == "ddpm" else 50)
-
     model = args.model if args.model is not None else shipped_model_path()
     if not os.path.exists(model):
         from .hub import looks_like_hub_id
 
         if not looks_like_hub_id(model):  # hub ids ("google/ddpm-cat-256") are resolved by from_pretrained
             raise CLIError(f"--model {model!r} does not exist")
-    prepare_output_dir(args.output, args.num_images, overwrite=args.overwrite, resume=args.resume)
-    batches = pending_batches(args.num_images, args.batch_size, args.output) if args.resume else \
-        batch_indices(args.num_images, args.batch_size)
 
-    pipe = DDPMPipeline.from_pretrained(model)
-    if args.scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    num_train = pipe.scheduler.config.num_train_timesteps
-    if steps > num_train:
-        raise CLIError(f"--steps must be at most the model's num_train_timesteps ({num_train}), got {steps}")
-    if args.eta and args.scheduler != "ddim":
-        raise CLIError("--eta applies to --scheduler ddim only")
-    if args.eta:
-        # DDPMPipeline calls scheduler.step(..., generator=...) without eta; bind it here.
-        step = pipe.scheduler.step
-        pipe.scheduler.step = lambda *a, **k: step(*a, eta=args.eta, **k)
-    pipe.to(device=device, dtype=dtype)
+    def plan():
+        # Rank 0 alone looks at (and tidies) --output, then every rank gets the same batch list: ranks that
+        # listed the folder themselves could disagree once a fast rank starts writing.
+        if not dist.is_main:
+            return None
+        prepare_output_dir(args.output, args.num_images, overwrite=args.overwrite, resume=args.resume)
+        remove_stale_temp_files(args.output)
+        token = None
+        if dist.enabled:
+            token = f".ddpm-fast-shared-{os.getpid()}-{torch.randint(0, 2**31, (1,)).item()}"
+            (Path(args.output) / token).write_text("")
+        batches = pending_batches(args.num_images, args.batch_size, args.output) if args.resume else \
+            batch_indices(args.num_images, args.batch_size)
+        return batches, token
+
+    batches, token = dist.broadcast(dist.run("preparing --output", plan))
+    if token is not None:
+        def shared_check():
+            if not (Path(args.output) / token).exists():
+                raise FileNotFoundError(
+                    f"--output {args.output!r} on this machine is not the folder rank 0 prepared: under torchrun "
+                    "on several machines it must be one shared folder (NFS or similar)"
+                )
+        try:
+            dist.run("checking that --output is shared", shared_check)
+        finally:
+            if dist.is_main:
+                (Path(args.output) / token).unlink(missing_ok=True)
+
+    def load():
+        pipe = DDPMPipeline.from_pretrained(model)
+        if args.scheduler == "ddim":
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        num_train = pipe.scheduler.config.num_train_timesteps
+        if steps > num_train:
+            raise CLIError(f"--steps must be at most the model's num_train_timesteps ({num_train}), got {steps}")
+        if args.eta and args.scheduler != "ddim":
+            raise CLIError("--eta applies to --scheduler ddim only")
+        if args.eta:
+            # DDPMPipeline calls scheduler.step(..., generator=...) without eta; bind it here.
+            step = pipe.scheduler.step
+            pipe.scheduler.step = lambda *a, **k: step(*a, eta=args.eta, **k)
+        return pipe.to(device=dist.device, dtype=_parse_dtype(args.dtype))
+
+    pipe = dist.run("loading the model", load)
 
     n_todo = sum(len(b) for b in batches)
     bar = None
-    if not args.quiet:
+    if not args.quiet and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_todo, desc="images", unit="img", dynamic_ncols=True)
@@ -190,20 +234,33 @@ def run_sample(args: argparse.Namespace) -> int:
     ctx = use_backend(args.backend) if args.backend else _nullcontext()
     try:
         with ctx, torch.inference_mode():
-            sample_images(pipe, batches, args.seed, steps, out_dir=args.output, skip_existing=args.resume,
-                          progress=bar.update if bar is not None else None)
+            sample_sharded(pipe, batches, args.seed, steps, dist, out_dir=args.output, skip_existing=args.resume,
+                           progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
 
-    if args.grid:
-        from .sampling import image_path, write_png_atomic
-        import numpy as np
+    dist.barrier()  # every rank's PNGs are on disk before rank 0 reads them back
 
-        images = [load_png(image_path(args.output, i)) for i in range(args.num_images)]
-        grid = make_grid(images, scale=max(1, 128 // max(images[0].shape[:2])))
-        write_png_atomic(np.asarray(grid), os.path.join(args.output, GRID_NAME))
-    print(f"wrote {n_todo} image(s) to {args.output}" + (" and grid.png" if args.grid else ""), file=sys.stderr)
+    def finish():
+        if not dist.is_main:
+            return None
+        written = []
+        if not args.no_npz:
+            written.append(str(write_npz(args.output, args.num_images, args.npz)))
+        if args.grid:
+            images = [load_png(image_path(args.output, i)) for i in range(args.num_images)]
+            grid = make_grid(images, scale=max(1, 128 // max(images[0].shape[:2])))
+            write_png_atomic(np.asarray(grid), os.path.join(args.output, GRID_NAME))
+            written.append(GRID_NAME)
+        return written
+
+    written = dist.run("writing the .npz", finish)
+    if dist.is_main:
+        ranks = f" on {dist.world_size} ranks" if dist.enabled else ""
+        extra = f" and {', '.join(written)}" if written else ""
+        print(f"wrote {n_todo} image(s) to {args.output}{extra}{ranks} "
+              f"({torch.get_num_threads()} CPU thread(s) per process)", file=sys.stderr)
     return 0
 
 
@@ -216,7 +273,25 @@ class _nullcontext:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """``ddpm-fast train``, alone or as one rank of a torchrun job (DistributedDataParallel)."""
+    from .distributed import init_distributed
     from .training import TrainConfig, train
+
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    try:
+        dist = init_distributed(args.device, args.dist_timeout)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        return _train(args, dist, TrainConfig, train)
+    finally:
+        dist.close()
+
+
+def _train(args: argparse.Namespace, dist, TrainConfig, train) -> int:
 
     cfg = TrainConfig(
         data=args.data,
@@ -240,12 +315,13 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoints_total_limit=args.checkpoints_total_limit,
         log_every=args.log_every,
-        device=str(_resolve_device(args.device)),
+        device=str(dist.device),
         num_threads=args.num_threads,
         progress=not args.quiet,
     )
-    out = train(cfg)
-    print(f"trained pipeline written to {out}", file=sys.stderr)
+    out = train(cfg, dist)
+    if dist.is_main:
+        print(f"trained pipeline written to {out}", file=sys.stderr)
     return 0
 
 
@@ -271,6 +347,16 @@ def run_bench(argv: Sequence[str]) -> int:
     return 0
 
 
+def _rank_prefix() -> str:
+    """``"rank 3: "`` under a torchrun job of several processes, so each line says who failed."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return f"rank {int(os.environ['RANK'])}: "
+    except (KeyError, ValueError):
+        pass
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ddpm-fast`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -294,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {_rank_prefix()}{message}", file=sys.stderr)
         return 2
 
 

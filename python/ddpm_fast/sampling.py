@@ -8,15 +8,19 @@ same noise whatever the batch size, the batch it falls in, the process count or 
 the CPU; noise is moved to the device after drawing). Pixels then agree up to floating-point rounding of the
 batched UNet (see docs/training.md for the measured difference).
 
-Batches are fixed: batch ``b`` holds images ``[b*B, min((b+1)*B, N))`` — :func:`batch_indices`. A sharded
-(multi-process) runner can hand any subset of these batches to :func:`sample_images`.
+Batches are fixed: batch ``b`` holds images ``[b*B, min((b+1)*B, N))`` — :func:`batch_indices`. Under torchrun,
+:func:`sample_sharded` gives whole batches to ranks round-robin, so a batch's members (and so its pixels, given
+the same ``--num-threads``: CPU reductions split work by thread count) never depend on the world size.
+:func:`write_npz` then packs every PNG, in index order, into the ``arr_0`` array FID tools read.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -191,3 +195,110 @@ def prepare_output_dir(out_dir: str | os.PathLike, num_images: int, overwrite: b
                 f"--output {str(d)!r} already holds {len(clash)} of the images (e.g. {image_path(d, clash[0]).name}); "
                 "pass --overwrite to replace them or --resume to finish the missing ones"
             )
+
+
+_TEMP_RE = re.compile(r"^\..+\.(png|npz)\..*tmp$")
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> int:
+    """Delete temp files left by a killed run (``.000012.png.<random>.tmp``); returns how many.
+
+    Call only while no process writes to ``out_dir`` (under torchrun: rank 0, before the plan is broadcast).
+    """
+    d = Path(out_dir)
+    n = 0
+    for p in d.iterdir() if d.is_dir() else ():
+        if _TEMP_RE.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def default_npz_path(out_dir: str | os.PathLike, shape: Sequence[int]) -> Path:
+    """``out_dir/samples_<N>x<H>x<W>x<C>.npz``, the name guided-diffusion's sampling scripts use."""
+    return Path(out_dir) / f"samples_{'x'.join(str(int(v)) for v in shape)}.npz"
+
+
+def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLike | None = None) -> Path:
+    """Pack ``out_dir/000000.png ...`` into one ``.npz`` holding ``arr_0``: uint8 ``(N, H, W, C)`` in index order.
+
+    This is the layout of guided-diffusion's (ADM) evaluation suite and what ``numpy.load(path)["arr_0"]``
+    returns. Images are streamed into the archive one at a time (memory stays one image, not N), into a temp
+    file renamed over ``path`` at the end. ``path`` defaults to :func:`default_npz_path`. Returns the path.
+    """
+    first_path = image_path(out_dir, 0)
+    if not first_path.is_file():
+        raise FileNotFoundError(_missing_message(out_dir, 0))
+    first = load_png(first_path)
+    shape = (num_images, *first.shape)
+    path = Path(path) if path is not None else default_npz_path(out_dir, shape)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        # np.savez layout: an uncompressed zip member "arr_0.npy" in .npy format 1.0 (zip64 for > 4 GB).
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_1_0(f, header)
+                for i in range(num_images):
+                    p = image_path(out_dir, i)
+                    if not p.is_file():
+                        raise FileNotFoundError(_missing_message(out_dir, i))
+                    img = first if i == 0 else load_png(p)
+                    if img.shape != first.shape or img.dtype != np.uint8:
+                        raise ValueError(
+                            f"{p.name} is {img.shape} {img.dtype}, {first_path.name} is {first.shape} uint8: "
+                            "--output mixes images of different runs (use an empty folder or --overwrite)"
+                        )
+                    f.write(np.ascontiguousarray(img).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _missing_message(out_dir, index: int) -> str:
+    return (f"{image_path(out_dir, index)} is missing; when several machines sample, --output must be one "
+            "folder they all share (NFS or similar)")
+
+
+def sample_sharded(
+    pipeline,
+    batches: Sequence[Sequence[int]],
+    seed: int,
+    num_inference_steps: int,
+    dist,
+    out_dir: str | os.PathLike,
+    skip_existing: bool = False,
+    progress=None,
+) -> int:
+    """Sample this rank's round-robin share of ``batches`` into ``out_dir``; returns the images done by all ranks.
+
+    ``dist`` is a :class:`ddpm_fast.distributed.Distributed` (a single-process one works too). Every round each
+    rank samples at most one batch and then all ranks exchange a status: a rank that raised stops the job on
+    every rank (see :meth:`~ddpm_fast.distributed.Distributed.check`). ``progress`` (rank 0 only, typically)
+    gets the number of images all ranks finished in each round.
+    """
+    from .distributed import maybe_inject_failure, shard
+
+    mine = shard(list(batches), dist.rank, dist.world_size)
+    rounds = math.ceil(len(batches) / dist.world_size)
+    total = 0
+    for r in range(rounds):
+        done = 0
+        try:
+            if r < len(mine):
+                maybe_inject_failure(dist.rank, r)
+                sample_images(pipeline, [mine[r]], seed, num_inference_steps, out_dir=out_dir,
+                              skip_existing=skip_existing)
+                done = len(mine[r])
+        except Exception:
+            dist.check(False, "sampling")
+            raise
+        finished = int(dist.check(True, "sampling", done))
+        total += finished
+        if progress is not None:
+            progress(finished)
+    return total

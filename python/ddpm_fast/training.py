@@ -10,6 +10,13 @@ Layout of ``output``::
 All randomness (batch indices, timesteps, noise, flips) comes from one CPU ``torch.Generator`` seeded with
 ``seed``; its state is checkpointed, so an interrupted run resumed from its last checkpoint takes the same
 steps as an uninterrupted one.
+
+Under torchrun (``train(cfg, dist)`` with several ranks) the model is wrapped in DistributedDataParallel and
+``batch_size`` is the *global* batch: every rank draws the whole global batch from the same generator (same
+indices, flips, timesteps and noise as one process) and trains on its contiguous slice of ``batch_size /
+world_size`` samples; DDP averages the gradients, which equals the one-process mean over the global batch.
+So a run on W processes follows the one-process run up to float rounding, and either can resume the other's
+checkpoints. Only rank 0 writes (checkpoints, loss.csv, the final pipeline) and keeps the EMA.
 """
 
 from __future__ import annotations
@@ -228,11 +235,13 @@ def _trim_loss_csv(path: Path, max_step: int) -> None:
         csv.writer(f).writerows(kept)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) and write the final pipeline to ``cfg.output``; returns that folder."""
-    from .backend import backend as use_backend
-    from . import DDPMScheduler, UNet2DModel
-    from .data import load_training_data
+def train(cfg: TrainConfig, dist=None) -> Path:
+    """Train (or resume) and write the final pipeline to ``cfg.output``; returns that folder.
+
+    ``dist``: a :class:`ddpm_fast.distributed.Distributed` when this process is one rank of a torchrun job
+    (its device must be ``cfg.device``); ``None`` for a single process.
+    """
+    from .distributed import Distributed
 
     cfg.validate()
     if cfg.num_threads:
@@ -240,8 +249,17 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
+    if dist is None:
+        dist = Distributed(device=device)
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {dist.world_size} "
+            "processes of the torchrun job"
+        )
+    return _train(cfg, dist, device)
 
-    output = Path(cfg.output)
+
+def _prepare_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {str(output)!r} exists and is not a folder")
     try:
@@ -252,9 +270,9 @@ def train(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise OSError(f"--output {str(output)!r} is not writable ({e.strerror or e})") from None
 
-    data = load_training_data(cfg.data, cfg.resolution, cfg.channels)
-    channels = data.shape[1]
 
+def _load_resume_state(cfg: TrainConfig, output: Path, channels: int) -> tuple[dict | None, Path | None]:
+    """The newest checkpoint's training state (checked against ``cfg``) and its folder, or ``(None, None)``."""
     checkpoints = list_checkpoints(output)
     state = None
     if checkpoints:
@@ -271,6 +289,34 @@ def train(cfg: TrainConfig) -> Path:
                 )
         if saved.get("channels_resolved") not in (None, channels):
             raise ValueError(f"cannot resume from {str(ckpt)!r}: it has {saved['channels_resolved']} channels, the data {channels}")
+        return state, ckpt
+    return None, None
+
+
+def _train(cfg: TrainConfig, dist, device: torch.device) -> Path:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from . import DDPMScheduler, UNet2DModel
+    from .backend import backend as use_backend
+    from .data import load_training_data
+    from .distributed import maybe_inject_failure
+
+    output = Path(cfg.output)
+    main = dist.is_main
+    data = dist.run("loading --data", lambda: load_training_data(cfg.data, cfg.resolution, cfg.channels))
+    channels = data.shape[1]
+
+    def prepare():
+        # Rank 0 owns --output; the others get its checkpoint (no shared folder needed for training).
+        if not main:
+            return None
+        _prepare_output(output)
+        state, ckpt = _load_resume_state(cfg, output, channels)
+        if state is not None:
+            _trim_loss_csv(output / LOSS_CSV, int(state["step"]))
+        return state, ckpt
+
+    state, ckpt = dist.broadcast(dist.run("preparing --output", prepare))
 
     torch.manual_seed(cfg.seed)  # the weight initialisation
     unet = UNet2DModel(**unet_config(cfg, channels)).to(device)
@@ -289,8 +335,14 @@ def train(cfg: TrainConfig) -> Path:
         gen.set_state(state["generator"])
         step = int(state["step"])
         elapsed_before = float(state["elapsed_s"])
-        _trim_loss_csv(output / LOSS_CSV, step)
-        print(f"resuming from {checkpoints[-1][1]} (step {step}/{cfg.max_steps})", flush=True)
+        if main:
+            print(f"resuming from {ckpt} (step {step}/{cfg.max_steps})", flush=True)
+    model = unet
+    if dist.enabled:
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    world, rank = dist.world_size, dist.rank
+    local = cfg.batch_size // world
+    lo, hi = rank * local, (rank + 1) * local
 
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     cfg_json = json.dumps({**json.loads(cfg.to_json()), "channels_resolved": channels}, sort_keys=True)
@@ -306,19 +358,21 @@ def train(cfg: TrainConfig) -> Path:
             "config": cfg_json,
         }
 
-    loss_path = output / LOSS_CSV
-    new_csv = not loss_path.exists()
-    csv_file = open(loss_path, "a", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(["step", "loss", "lr", "elapsed_s"])
+    csv_file = writer = None
+    if main:
+        loss_path = output / LOSS_CSV
+        new_csv = not loss_path.exists()
+        csv_file = open(loss_path, "a", newline="")
+        writer = csv.writer(csv_file)
+        if new_csv:
+            writer.writerow(["step", "loss", "lr", "elapsed_s"])
 
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but training must not die over a progress bar
         tqdm = None
     bar = None
-    if cfg.progress and tqdm is not None:
+    if cfg.progress and tqdm is not None and main:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     t_start = time.perf_counter()
@@ -331,35 +385,44 @@ def train(cfg: TrainConfig) -> Path:
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+                # Every rank draws the whole global batch (the one-process stream), then keeps its slice.
+                idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)[lo:hi]
                 x0 = data[idx]
                 if cfg.hflip:
-                    flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
+                    flip = (torch.rand(cfg.batch_size, generator=gen) < 0.5)[lo:hi]
                     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-                t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
-                noise = torch.randn(x0.shape, generator=gen)
+                t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)[lo:hi]
+                noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=gen)[lo:hi]
                 x0, t, noise = x0.to(device), t.to(device), noise.to(device)
                 a = alphas_cumprod[t].view(-1, 1, 1, 1)
                 noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-                pred = unet(noisy, t).sample
-                loss = F.mse_loss(pred.float(), noise)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); try a lower --lr")
+                try:
+                    maybe_inject_failure(rank, step)
+                    pred = model(noisy, t).sample
+                    loss = F.mse_loss(pred.float(), noise)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); try a lower --lr")
+                except Exception:
+                    dist.check(False, f"training step {step + 1}")
+                    raise
+                # Before backward: a rank that failed never reaches DDP's gradient all-reduce, so the others
+                # must learn of it here rather than wait there. The same collective averages the loss.
+                value = dist.check(True, f"training step {step + 1}", loss.item()) / world
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
                 optimizer.step()
-                ema_update(ema, unet, ema_decay_at(step, cfg.ema_decay))
+                if main:  # only rank 0 writes the EMA weights
+                    ema_update(ema, unet, ema_decay_at(step, cfg.ema_decay))
                 step += 1
 
-                value = loss.item()
                 running += value
                 n_running += 1
                 smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
                 elapsed = elapsed_before + time.perf_counter() - t_start
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     writer.writerow([step, f"{running / n_running:.6f}", f"{lr:.6g}", f"{elapsed:.1f}"])
                     csv_file.flush()
                     running, n_running = 0.0, 0
@@ -367,14 +430,15 @@ def train(cfg: TrainConfig) -> Path:
                     bar.update(1)
                     bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                    _atomic_checkpoint(output, step, ema, scheduler, make_state(step, elapsed),
-                                       cfg.checkpoints_total_limit)
+                    dist.run(f"writing checkpoint-{step}", lambda: main and _atomic_checkpoint(
+                        output, step, ema, scheduler, make_state(step, elapsed), cfg.checkpoints_total_limit))
     finally:
-        csv_file.close()
+        if csv_file is not None:
+            csv_file.close()
         if bar is not None:
             bar.close()
 
-    if state is not None and step == int(state["step"]) and step >= cfg.max_steps:
+    if main and state is not None and step == int(state["step"]) and step >= cfg.max_steps:
         print(f"already trained to step {step}; writing the final pipeline", flush=True)
-    save_pipeline(ema, scheduler, output)
+    dist.run("writing the final pipeline", lambda: main and save_pipeline(ema, scheduler, output))
     return output
