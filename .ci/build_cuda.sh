@@ -79,8 +79,9 @@ for f in "$repo"/csrc/cuda/*.cu; do
 done
 # 2. The device code of every kernel family is in the binary (the module is stripped of local symbols, so look
 #    for the kernel names in its embedded fatbinaries).
+strings "$so" >"$build.strings.txt"  # (not piped into grep -q: with pipefail, SIGPIPE would fail the check)
 for sym in attention_kernel attention_combine_kernel gn_apply_kernel gn_partial_stats_kernel scheduler_step_kernel; do
-  strings "$so" | grep -q "$sym" || fail "device code of $sym missing from $so"
+  grep -q "$sym" "$build.strings.txt" || fail "device code of $sym missing from $so"
 done
 # 3. No unresolved ddpm_fast symbol, and every undefined symbol resolves against the libraries it links.
 undef_own=$(nm -D --undefined-only "$so" | c++filt | grep -i ddpm_fast || true)
