@@ -405,3 +405,10 @@ def test_ops_capture_in_cuda_graph():
     torch.testing.assert_close(captured[0], expected, atol=0, rtol=0)
     for got, want in zip(captured[1:], eager[1:]):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_attention_wrapper_falls_back_above_head_dim_512():
+    from ddpm_fast import ops
+
+    q, k, v = (_randn((1, 1, 8, 520), 80 + i) for i in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))

@@ -140,6 +140,9 @@ def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
 # Attention
 
 
+CUDA_ATTENTION_MAX_HEAD_DIM = 512
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, scale=scale)`` without mask or dropout.
 
@@ -171,7 +174,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     ops = _native_ops()
-    if ops is not None and _covers(q, k, v):
+    # The CUDA kernel keeps a query row's accumulator in registers, so it stops at head dim 512 (the
+    # widest google checkpoint); wider heads go to PyTorch's SDPA.
+    fits = not q.is_cuda or max(q.shape[-1], v.shape[-1]) <= CUDA_ATTENTION_MAX_HEAD_DIM
+    if ops is not None and fits and _covers(q, k, v):
         return ops.attention.default(q, k, v, None if scale is None else float(scale))
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
