@@ -271,9 +271,11 @@ def _run_once(pipe, batch: int, steps: int, device: torch.device, gen_device: st
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        images = pipe(batch_size=batch, generator=generator, num_inference_steps=steps, output_type="np").images
+        # "pt": diffusers cannot turn bf16 images into numpy; the [0, 1] tensors are what "np" would hold
+        images = pipe(batch_size=batch, generator=generator, num_inference_steps=steps, output_type="pt").images
     _sync(device)
-    return time.perf_counter() - t0, np.asarray(images, dtype=np.float32)
+    seconds = time.perf_counter() - t0
+    return seconds, images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
 
 
 def bench_config(
@@ -314,7 +316,7 @@ def bench_config(
         med = statistics.median(samples)
         entry = {"ms_per_step_median": med, "ms_per_step": samples, "ms_per_step_min": min(samples),
                  "gflops_achieved": gflop / (med / 1e3)}
-        if name in pipes and getattr(pipes[name], "_cuda_graphs", None) is not None:
+        if device.type == "cuda" and getattr(pipes.get(name), "_cuda_graphs", None) is not None:
             cache = pipes[name]._cuda_graphs
             entry["cuda_graph_used"] = bool(getattr(cache, "last_used", False))
             entry["cuda_graph_reason"] = getattr(cache, "last_reason", None)
