@@ -5,6 +5,7 @@ Each torchrun launch costs a few seconds of start-up, so runs are module fixture
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -282,3 +283,21 @@ def test_write_npz_refuses_missing_or_mixed_images(tmp_path):
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
     (tmp_path / ".000001.png.abc.tmp").write_bytes(b"")
     assert remove_stale_temp_files(tmp_path) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(trained_one, trained_two, tmp_path):
+    """World size is not part of a checkpoint: 1 process continues the 2-rank run's checkpoint-2."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out2, _, _ = trained_two
+    assert json.loads((out2 / "checkpoint-2/unet/config.json").read_text())["sample_size"] == 8
+    resumed = tmp_path / "m"
+    resumed.mkdir()
+    shutil.copytree(out2 / "checkpoint-2", resumed / "checkpoint-2")
+    assert main(["train", "--output", str(resumed), *TRAIN_ARGS]) == 0
+    e1 = load_file(trained_one / "unet/diffusion_pytorch_model.safetensors")
+    e2 = load_file(resumed / "unet/diffusion_pytorch_model.safetensors")
+    for k in e1:
+        torch.testing.assert_close(e2[k], e1[k], rtol=0, atol=1e-5, msg=k)

@@ -185,7 +185,9 @@ def _sample(args: argparse.Namespace, dist) -> int:
         remove_stale_temp_files(args.output)
         token = None
         if dist.enabled:
-            token = f".ddpm-fast-shared-{os.getpid()}-{torch.randint(0, 2**31, (1,)).item()}"
+            import uuid
+
+            token = f".ddpm-fast-shared-{uuid.uuid4().hex}"  # not from torch's RNG: sampling leaves that alone
             (Path(args.output) / token).write_text("")
         batches = pending_batches(args.num_images, args.batch_size, args.output) if args.resume else \
             batch_indices(args.num_images, args.batch_size)
