@@ -86,7 +86,7 @@ run_tests() {  # label, timeout, pytest args...
 : >"$OUT/tests.log"
 if [ "$fail" = 0 ]; then
   log "CUDA op tests (log: tests.log)"
-  run_tests "tests/test_ops_cuda.py" 180 tests/test_ops_cuda.py
+  run_tests "tests/test_ops_cuda.py" "${GPU_CHECK_T_TESTS:-180}" tests/test_ops_cuda.py
   rc=$?
   line=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests.log" | tail -1)
   case $rc in
@@ -100,7 +100,7 @@ if [ "$fail" = 0 ]; then
   others=$(grep -l -E "mark\.cuda|pytest\.mark\.cuda" tests/*.py 2>/dev/null | grep -v "tests/test_ops_cuda.py" | tr '\n' ' ')
   if [ -n "$others" ]; then
     log "other CUDA-marked tests: $others"
-    run_tests "-m cuda" 150 -m cuda $others
+    run_tests "-m cuda" "${GPU_CHECK_T_OTHER_TESTS:-150}" -m cuda $others
     rc=$?
     line=$(grep -E "(passed|failed|error|skipped|deselected)" "$OUT/tests.log" | tail -1)
     case $rc in
@@ -119,7 +119,7 @@ fi
 # ---------------------------------------------------------------------------------------------------- 3. kernel bench
 if [ "$build_status" != "${build_status#ok}" ]; then
   log "kernel benchmark (log: kernels.log, results: kernels.json)"
-  t=$(allow 150)
+  t=$(allow "${GPU_CHECK_T_KERNELS:-150}")
   if [ "$t" -ge 20 ]; then
     (cd /tmp && timeout "$t" "$PY" "$OLDPWD/bench/gpu_bench.py" --json "$OUT/kernels.json") >"$OUT/kernels.log" 2>&1
     rc=$?
@@ -140,7 +140,9 @@ if [ -f bench/sample_speed.py ] && [ "$build_status" != "${build_status#ok}" ]; 
     log "sampling benchmark, up to ${t}s (log: sample_speed.log)"
     extra=()  # let it stop starting new rows in time to write its JSON, when it supports that
     timeout 60 "$PY" bench/sample_speed.py --help 2>/dev/null | grep -q -- "--total-timeout" && extra=(--total-timeout $(( t * 2 / 3 )))
-    timeout "$t" "$PY" bench/sample_speed.py --device cuda --json "$OUT/sample_speed.json" ${extra[@]+"${extra[@]}"} \
+    # fp16 first (the targets), few timed calls per variant: the lease is short.
+    timeout "$t" "$PY" bench/sample_speed.py --device cuda --dtypes fp16,fp32,bf16 --runs 3 --timeout 60 \
+      --json "$OUT/sample_speed.json" ${extra[@]+"${extra[@]}"} \
       >"$OUT/sample_speed.log" 2>&1
     rc=$?
     case $rc in 0) sample_status="ok" ;; 124) sample_status="TIMED OUT after ${t}s" ;; *) sample_status="FAILED (rc=$rc)" ;; esac

@@ -359,9 +359,11 @@ def default_plan(device: torch.device, args) -> list[tuple[str, str, int, list[s
                     rows.append((arch, dt, b, ["ddpm_fast", "diffusers_eager", *extra]))
     else:
         batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 16, 64]
-        for arch in archs:
-            arch_batches = batches if arch == "cifar10-32" else [1, 8]
-            for dt in dtypes:
+        # dtype-major, so a run cut short by --total-timeout has measured the first dtype (the targets' fp16)
+        # on both architectures.
+        for dt in dtypes:
+            for arch in archs:
+                arch_batches = batches if arch == "cifar10-32" else [1, 8]
                 for b in arch_batches:
                     extra = ["ddpm_fast_nograph"] if arch == "cifar10-32" else []
                     rows.append((arch, dt, b, ["ddpm_fast", *extra, "diffusers_eager", "diffusers_channels_last", *compile_v]))
