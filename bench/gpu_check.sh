@@ -51,7 +51,7 @@ log "building with TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST (log: build.log)"
 t=$(allow 300)
 if timeout "$t" "$PY" -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
   # Import from outside the repo so the installed package (with _C) is the one found.
-  if (cd /tmp && timeout 60 "$PY" -c "import ddpm_fast._C as C, torch; assert C.with_cuda, 'built without CUDA'; print('ddpm_fast._C', C.torch_version, 'with_cuda', C.with_cuda)") >>"$OUT/build.log" 2>&1; then
+  if (cd /tmp && timeout 60 "$PY" -c "import torch, ddpm_fast._C as C; assert C.with_cuda, 'built without CUDA'; print('ddpm_fast._C', C.torch_version, 'with_cuda', C.with_cuda)") >>"$OUT/build.log" 2>&1; then
     build_status="ok ($(elapsed)s)"
   else
     build_status="FAILED: installed but ddpm_fast._C does not import with CUDA (see build.log tail)"
