@@ -53,6 +53,16 @@ def _fused_backend():
     ddpm_fast.set_backend(previous)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 bounds (1e-3 after 20 steps) are for fp32 arithmetic. PyTorch lets cuDNN use TF32 (10-bit
+    mantissa) for fp32 convolutions by default, which moved images by 1e-3 to 3e-2 on an H200."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _pair(config: dict, seed: int = 0):
     torch.manual_seed(seed)
     ref = diffusers.UNet2DModel(**config).eval()

@@ -163,7 +163,37 @@ def test_group_norm_silu_strided_unaligned_and_3d():
     assert OPS.group_norm_silu(empty, 32, None, None, 1e-5, None, True).shape == empty.shape
 
 
+def test_raw_op_bad_input_raises_in_a_fresh_process():
+    """On an H200 (torch 2.11) the first bad-input call below crashed the process instead of raising;
+    run it in a child so a crash is reported as this test's failure, not the end of the session."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ddpm_fast.ops\n"
+        "x = torch.randn(2, 64, 4, 4, device='cuda')\n"
+        "try:\n"
+        "    torch.ops.ddpm_fast.group_norm_silu(x, 3, None, None, 1e-5, None, True)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'divisible' in str(e), e\n"
+        "    print('raised')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "raised" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_wrapper_bad_inputs_raise_before_the_kernel():
+    from ddpm_fast import ops
+
+    x = _randn((2, 64, 4, 4), 8)
+    with pytest.raises(ValueError, match="num_groups"):
+        ops.group_norm_silu(x, 3)
+    with pytest.raises((ValueError, TypeError), match="weight"):
+        ops.group_norm_silu(x, 32, torch.ones(63, device=DEV))
+
+
 def test_group_norm_silu_bad_inputs():
+    test_raw_op_bad_input_raises_in_a_fresh_process()  # a crash here would take the whole run down
     x = _randn((2, 64, 4, 4), 8)
     with pytest.raises(RuntimeError, match="divisible"):
         OPS.group_norm_silu(x, 3, None, None, 1e-5, None, True)
