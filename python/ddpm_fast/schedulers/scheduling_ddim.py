@@ -22,6 +22,7 @@ from ..configuration import register_to_config
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import randn_tensor
 from .scheduling_utils import (
+    FusedStepCoefs,
     SchedulerMixin,
     add_noise_like_diffusers,
     as_timestep,
@@ -52,12 +53,6 @@ class DDIMSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
 
-
-@dataclass(frozen=True)
-class _FusedCoefs:
-    x0: tuple[float, float]
-    prev: tuple[float, float, float]
-    noise_scale: float
 
 
 class DDIMScheduler(SchedulerMixin):
@@ -116,7 +111,7 @@ class DDIMScheduler(SchedulerMixin):
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
 
         self._alphas_cumprod_cpu = self.alphas_cumprod  # see DDPMScheduler: never moved by add_noise
-        self._coef_cache: dict[tuple, _FusedCoefs | None] = {}
+        self._coef_cache: dict[tuple, FusedStepCoefs | None] = {}
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity (DDIM does not scale the model input); present for scheduler interchangeability."""
@@ -278,7 +273,7 @@ class DDIMScheduler(SchedulerMixin):
             prev_sample = prev_sample + std_dev_t * variance_noise
         return prev_sample, pred_original_sample
 
-    def _fused_coefs(self, t: int, prev_t: int, eta: float, use_clipped: bool) -> _FusedCoefs | None:
+    def _fused_coefs(self, t: int, prev_t: int, eta: float, use_clipped: bool) -> FusedStepCoefs | None:
         """Cached coefficients of the fused op; ``None`` where a scalar is not finite (the reference path
         then reproduces diffusers' inf/NaN)."""
         key = (t, prev_t, eta, use_clipped)
@@ -315,7 +310,7 @@ class DDIMScheduler(SchedulerMixin):
             b_x, b_e, b_0 = eps
             prev = (sqrt_a_prev + direction * b_0, direction * b_x, direction * b_e)
             if all(math.isfinite(v) for v in (*x0, *prev, std)):
-                coefs = _FusedCoefs(x0=x0, prev=prev, noise_scale=std)
+                coefs = FusedStepCoefs(x0=x0, prev=prev, noise_scale=std)
         except ZeroDivisionError:
             pass
         self._coef_cache[key] = coefs

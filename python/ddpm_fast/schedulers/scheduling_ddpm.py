@@ -26,6 +26,7 @@ from ..configuration import register_to_config
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import randn_tensor
 from .scheduling_utils import (
+    FusedStepCoefs,
     SchedulerMixin,
     add_noise_like_diffusers,
     as_timestep,
@@ -58,12 +59,6 @@ class DDPMSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
 
-
-@dataclass(frozen=True)
-class _FusedCoefs:
-    x0: tuple[float, float]
-    prev: tuple[float, float, float]
-    noise_scale: float
 
 
 def _fixed_variance(alphas_cumprod: torch.Tensor, one: torch.Tensor, t: int, prev_t: int, variance_type: str,
@@ -168,7 +163,7 @@ class DDPMScheduler(SchedulerMixin):
         # add_noise() moves self.alphas_cumprod to the data's device (as diffusers does); the fused step's
         # coefficients always come from this CPU copy, so computing them never syncs a GPU.
         self._alphas_cumprod_cpu = self.alphas_cumprod
-        self._coef_cache: dict[tuple[int, int, str], _FusedCoefs | None] = {}
+        self._coef_cache: dict[tuple[int, int, str], FusedStepCoefs | None] = {}
         self._prev_table: tuple[torch.Tensor, dict[int, int]] | None = None
 
     # -- timesteps -----------------------------------------------------------------------------------
@@ -374,7 +369,7 @@ class DDPMScheduler(SchedulerMixin):
             return (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
         raise ValueError(f"prediction_type must be one of epsilon, sample, v_prediction; got {prediction_type!r}")
 
-    def _fused_coefs(self, t: int, prev_t: int) -> _FusedCoefs | None:
+    def _fused_coefs(self, t: int, prev_t: int) -> FusedStepCoefs | None:
         """Coefficients of the fused op for ``(t, prev_t)``, cached; ``None`` if the step divides by zero
         (then the reference path reproduces diffusers' inf/NaN)."""
         # variance_type is in the key because diffusers reads the (mutable) attribute, not the config.
@@ -401,7 +396,7 @@ class DDPMScheduler(SchedulerMixin):
             noise_scale = float(_noise_from_variance(_fixed_variance(ac, one, t, prev_t, vtype), vtype))
         # ... combined in float64.
         prediction_type = self.config.prediction_type
-        coefs: _FusedCoefs | None
+        coefs: FusedStepCoefs | None
         if prediction_type == "epsilon":
             x0 = (1.0 / sqrt_a, -sqrt_b / sqrt_a) if sqrt_a != 0.0 else None
         elif prediction_type == "sample":
@@ -412,7 +407,7 @@ class DDPMScheduler(SchedulerMixin):
         if x0 is None or not all(math.isfinite(v) for v in values):
             coefs = None
         else:
-            coefs = _FusedCoefs(x0=x0, prev=(c0, c1, 0.0), noise_scale=noise_scale)
+            coefs = FusedStepCoefs(x0=x0, prev=(c0, c1, 0.0), noise_scale=noise_scale)
         self._coef_cache[key] = coefs
         return coefs
 

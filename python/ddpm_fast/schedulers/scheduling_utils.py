@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -371,3 +372,12 @@ class SchedulerMixin(ConfigMixin):
 
         names = sorted(set([cls.__name__, *cls._compatibles]))
         return [getattr(package, n) for n in names if hasattr(package, n)]
+
+
+@dataclass(frozen=True)
+class FusedStepCoefs:
+    """Scalars of one fused step (see :func:`ddpm_fast.ops.scheduler_step`), cached per timestep pair."""
+
+    x0: tuple[float, float]
+    prev: tuple[float, float, float]
+    noise_scale: float
