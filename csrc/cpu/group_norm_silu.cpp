@@ -1,7 +1,9 @@
-// CPU GroupNorm (+ time-embedding add, + SiLU) in two parallel passes: per-channel statistics over
+// CPU GroupNorm (+ time-embedding add, + SiLU) in two passes: per-channel statistics over
 // cache-sized pieces (shifted two-pass mean / M2, combined per group with Chan's formula in double), then one
 // fused multiply-add + SiLU writing the output. NCHW works per channel row, channels_last per chunk of pixels.
+#include <atomic>
 #include <cmath>
+#include <thread>
 #include <optional>
 #include <vector>
 
@@ -57,62 +59,126 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
   const int64_t P = channels_last ? std::max<int64_t>(1, std::min<int64_t>(HW, 8192 / std::max<int64_t>(C, 1))) : HW;
   const int64_t nchunks = channels_last ? (HW + P - 1) / P : 1;
   std::vector<float> shift(N * nchunks * C), off(N * nchunks * C), m2(N * nchunks * C);
+
+  // Per-sample coefficients from the piece statistics (Chan's combination in double; temb is a per-channel
+  // shift that moves the mean, not M2): y = (x - hi) * a + b2 with hi = float(group mean - temb),
+  // a = rstd * gamma and b2 = beta - (centre - hi) * a, the rounding remainder of the centre folded into b2.
+  const double count = double(Cg) * double(HW);
+  auto coefs = [&](int64_t n, float* hi, float* a, float* b2) {
+    // Two sweeps over the pieces in contiguous per-channel loops (vectorisable): group means, then M2.
+    std::vector<double> acc(2 * C, 0.0), gmu(G);
+    double* msum = acc.data();
+    double* m2sum = msum + C;
+    const float* tn = pt ? pt + n * C : nullptr;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const double w = double(std::min(P, HW - ch * P));
+      const int64_t i0 = (n * nchunks + ch) * C;
+      for (int64_t c = 0; c < C; ++c) msum[c] += w * (double(shift[i0 + c]) + double(off[i0 + c]));
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += msum[c] + (tn ? double(HW) * tn[c] : 0.0);
+      gmu[g] = s / count;
+    }
+    for (int64_t g = 0; g < G; ++g)  // centre per channel
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) msum[c] = gmu[g] - (tn ? double(tn[c]) : 0.0);
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const double w = double(std::min(P, HW - ch * P));
+      const int64_t i0 = (n * nchunks + ch) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = (double(shift[i0 + c]) + double(off[i0 + c])) - msum[c];
+        m2sum[c] += double(m2[i0 + c]) + w * d * d;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += m2sum[c];
+      const double rstd = 1.0 / std::sqrt(std::max(s / count, 0.0) + eps);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double centre = msum[c];
+        const double ad = rstd * (pw ? pw[c] : 1.0);
+        hi[c] = float(centre);
+        a[c] = float(ad);
+        b2[c] = float((pb ? double(pb[c]) : 0.0) - (centre - double(hi[c])) * ad);
+      }
+    }
+  };
+
   if (channels_last) {
-    at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t task = b0; task < b1; ++task) {
+    // One parallel region for both passes: participant i owns pieces [i*np/nt, (i+1)*np/nt). A sample whose
+    // pieces it owns entirely is done start to finish while its slab is still in L2 (statistics, coefficients,
+    // apply). A sample split across participants (batch 1) only has its statistics taken first; after the
+    // owned samples, the participant waits on a counter until every split piece's statistics are in (not a
+    // second fork/join: these ops take ~10-100 us, a region costs several us) and then applies its part.
+    // That needs all participants running at once, which an OpenMP team guarantees; a serial (nested) run
+    // covers every participant in one call and never waits.
+    const int64_t np = N * nchunks;
+    const int64_t work = N * C * HW;
+    int64_t nt = std::min<int64_t>(at::get_num_threads(), np);
+    if (work < 16384 || !AT_PARALLEL_OPENMP) nt = 1;
+    int64_t nsplit = 0;  // pieces of samples that are split across participants
+    for (int64_t i = 1, last = -1; i < nt; ++i) {
+      const int64_t b = i * np / nt;
+      if (b % nchunks != 0 && b / nchunks != last) { nsplit += nchunks; last = b / nchunks; }
+    }
+    std::atomic<int64_t> done{0};
+    auto stats = [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
         k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[task * C], &off[task * C], &m2[task * C]);
       }
-    });
+    };
+    auto apply = [&](int64_t n, int64_t t0, int64_t t1, std::vector<float>& cf) {
+      coefs(n, cf.data(), cf.data() + C, cf.data() + 2 * C);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
+        const int64_t o = (n * HW + p0) * C * es;
+        k.col_affine(dt, px + o, py + o, p, C, cf.data(), cf.data() + C, cf.data() + 2 * C, silu);
+      }
+    };
+    auto run = [&](int64_t i0, int64_t i1) {
+      const int64_t pc0 = i0 * np / nt, pc1 = i1 * np / nt;
+      std::vector<float> cf(3 * C);
+      // Segments of [pc0, pc1) by sample; split ones are those not covering their whole sample.
+      auto for_segments = [&](auto&& f) {
+        for (int64_t t = pc0; t < pc1;) {
+          const int64_t n = t / nchunks, e = std::min(pc1, (n + 1) * nchunks);
+          f(n, t, e, e - t < nchunks);
+          t = e;
+        }
+      };
+      int64_t mine = 0;
+      for_segments([&](int64_t, int64_t t0, int64_t t1, bool split) {
+        if (split) { stats(t0, t1); mine += t1 - t0; }
+      });
+      if (mine) done.fetch_add(mine, std::memory_order_acq_rel);
+      for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
+        if (!split) { stats(t0, t1); apply(n, t0, t1, cf); }
+      });
+      if (!mine) return;
+      for (int spins = 0; done.load(std::memory_order_acquire) < nsplit; ++spins) {
+        if (spins < 4000) {
+#if defined(__x86_64__) || defined(__i386__)
+          __builtin_ia32_pause();
+#endif
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
+        if (split) apply(n, t0, t1, cf);
+      });
+    };
+    if (nt == 1) run(0, 1);
+    else at::parallel_for(0, nt, 1, run);
   } else {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
       k.row_stats(dt, px, HW, r0, r1, shift.data(), off.data(), m2.data());
     });
-  }
-
-  // Combine to per-group statistics in double; temb is a per-channel shift (moves the mean, not M2).
-  // Per (n, c): y = ((x - hi) - lo) * a + b with hi + lo = group mean - temb, a = rstd * gamma, b = beta.
-  std::vector<float> hi(N * C), lo(N * C), a(N * C), bb(N * C);
-  const double count = double(Cg) * double(HW);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      auto piece_mean = [&](int64_t ch, int64_t c) {
-        const int64_t i = (n * nchunks + ch) * C + c;
-        return double(shift[i]) + double(off[i]) + (pt ? double(pt[n * C + c]) : 0.0);
-      };
-      auto piece_count = [&](int64_t ch) { return double(std::min(P, HW - ch * P)); };
-      double mu = 0.0;
-      for (int64_t ch = 0; ch < nchunks; ++ch)
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) mu += piece_count(ch) * piece_mean(ch, c);
-      mu /= count;
-      double M2 = 0.0;
-      for (int64_t ch = 0; ch < nchunks; ++ch)
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          const double d = piece_mean(ch, c) - mu;
-          M2 += double(m2[(n * nchunks + ch) * C + c]) + piece_count(ch) * d * d;
-        }
-      const double rstd = 1.0 / std::sqrt(std::max(M2 / count, 0.0) + eps);
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const double centre = mu - (pt ? double(pt[n * C + c]) : 0.0);
-        hi[n * C + c] = float(centre);
-        lo[n * C + c] = float(centre - double(hi[n * C + c]));
-        a[n * C + c] = float(rstd * (pw ? pw[c] : 1.0));
-        bb[n * C + c] = pb ? pb[c] : 0.f;
-      }
-    }
-  }
-
-  if (channels_last) {
-    at::parallel_for(0, N * nchunks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t task = b0; task < b1; ++task) {
-        const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
-        const int64_t o = (n * HW + p0) * C * es;
-        k.col_affine(dt, px + o, py + o, p, C, &hi[n * C], &lo[n * C], &a[n * C], &bb[n * C], silu);
-      }
-    });
-  } else {
+    std::vector<float> hi(N * C), a(N * C), b2(N * C);
+    for (int64_t n = 0; n < N; ++n) coefs(n, &hi[n * C], &a[n * C], &b2[n * C]);
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
-      k.row_affine(dt, px, py, HW, r0, r1, hi.data(), lo.data(), a.data(), bb.data(), silu);
+      k.row_affine(dt, px, py, HW, r0, r1, hi.data(), a.data(), b2.data(), silu);
     });
   }
   return y;

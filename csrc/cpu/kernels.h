@@ -34,14 +34,12 @@ struct Kernels {
   void (*row_stats)(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* shift, float* off, float* m2);
   // Per-column mean and M2 over p rows of c columns (channels-last pixels x channels).
   void (*col_stats)(DType, const void* x, int64_t p, int64_t c, float* shift, float* off, float* m2);
-  // y = ((x - hi[r]) - lo[r]) * a[r] + b[r] (then SiLU) for rows [r0, r1) of length len.
+  // y = (x - hi[r]) * a[r] + b[r] (then SiLU) for rows [r0, r1) of length len.
   void (*row_affine)(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
-                     const float* lo, const float* a,
+                     const float* a, const float* b, bool silu);
+  // y = (x - hi) * a + b per column (then SiLU) over p rows of c columns.
+  void (*col_affine)(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
                      const float* b, bool silu);
-  // y = ((x - hi) - lo) * a + b per column (then SiLU) over p rows of c columns.
-  void (*col_affine)(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* lo,
-                     const float* a, const float* b,
-                     bool silu);
   // Pack K [S, D] (row stride k_rs) into the blocked K^T layout of AttnArgs::kt.
   void (*attn_pack_kt)(const float* k, int64_t k_rs, int64_t S, int64_t D, float* kt);
   // Rows [q0, q1) of one attention problem; scratch holds attn_scratch_floats(...) floats.

@@ -37,55 +37,118 @@ static void row_stats_impl(const T* x, int64_t len, int64_t r0, int64_t r1, floa
   }
 }
 
-template <typename T>
-static void col_stats_impl(const T* x, int64_t p, int64_t c, float* shift, float* off, float* m2) {
-  for (int64_t j = 0; j < c; ++j) { shift[j] = to_f(x[j]); off[j] = 0.f; m2[j] = 0.f; }
-  for (int64_t i = 0; i < p; ++i) {
-    const T* row = x + i * c;
-    for (int64_t j = 0; j < c; j += kV) {
-      const int64_t m = std::min<int64_t>(kV, c - j);
-      store(off + j, load(off + j, m) + (load(row + j, m) - load(shift + j, m)), m);
+// Per-column (channel) shifted two-pass statistics over p pixel rows of c channels. Columns go in blocks of
+// up to four vectors whose accumulators stay in registers for the whole pixel loop; the piece is small enough
+// (caller: ~32 KB) that the second pass reads it from L1/L2.
+template <typename T, int NV>
+static inline void col_stats_block(const T* x, int64_t p, int64_t c, int64_t j, float* shift, float* off,
+                                   float* m2) {
+  // Two pixel rows per step into separate accumulators: 2 * NV independent add/FMA chains hide the latency.
+  Vec sh[NV], acc[NV], acc2[NV];
+  for (int k = 0; k < NV; ++k) { sh[k] = load(x + j + k * kV); acc[k] = Vec(0.f); acc2[k] = Vec(0.f); }
+  int64_t i = 0;
+  for (; i + 2 <= p; i += 2) {
+    const T* row = x + i * c + j;
+    for (int k = 0; k < NV; ++k) {
+      acc[k] += load(row + k * kV) - sh[k];
+      acc2[k] += load(row + c + k * kV) - sh[k];
     }
   }
-  const float inv = 1.f / float(p);
-  for (int64_t j = 0; j < c; ++j) off[j] *= inv;
-  for (int64_t i = 0; i < p; ++i) {
-    const T* row = x + i * c;
-    for (int64_t j = 0; j < c; j += kV) {
-      const int64_t m = std::min<int64_t>(kV, c - j);
-      const Vec d = (load(row + j, m) - load(shift + j, m)) - load(off + j, m);
-      store(m2 + j, at::vec::fmadd(d, d, load(m2 + j, m)), m);
+  if (i < p)
+    for (int k = 0; k < NV; ++k) acc[k] += load(x + i * c + j + k * kV) - sh[k];
+  const Vec inv(1.f / float(p));
+  for (int k = 0; k < NV; ++k) {
+    acc[k] = (acc[k] + acc2[k]) * inv;
+    sh[k].store(shift + j + k * kV);
+    acc[k].store(off + j + k * kV);
+  }
+  Vec s[NV], s2[NV];
+  for (int k = 0; k < NV; ++k) { s[k] = Vec(0.f); s2[k] = Vec(0.f); }
+  for (i = 0; i + 2 <= p; i += 2) {
+    const T* row = x + i * c + j;
+    for (int k = 0; k < NV; ++k) {
+      const Vec d = (load(row + k * kV) - sh[k]) - acc[k];
+      const Vec d2 = (load(row + c + k * kV) - sh[k]) - acc[k];
+      s[k] = at::vec::fmadd(d, d, s[k]);
+      s2[k] = at::vec::fmadd(d2, d2, s2[k]);
     }
+  }
+  if (i < p)
+    for (int k = 0; k < NV; ++k) {
+      const Vec d = (load(x + i * c + j + k * kV) - sh[k]) - acc[k];
+      s[k] = at::vec::fmadd(d, d, s[k]);
+    }
+  for (int k = 0; k < NV; ++k) (s[k] + s2[k]).store(m2 + j + k * kV);
+}
+
+template <typename T>
+static void col_stats_impl(const T* x, int64_t p, int64_t c, float* shift, float* off, float* m2) {
+  int64_t j = 0;
+  for (; j + 4 * kV <= c; j += 4 * kV) col_stats_block<T, 4>(x, p, c, j, shift, off, m2);
+  for (; j + kV <= c; j += kV) col_stats_block<T, 1>(x, p, c, j, shift, off, m2);
+  if (j == c) return;
+  // Ragged last columns (c not a multiple of the vector width): scalar, rare in practice.
+  for (int64_t jj = j; jj < c; ++jj) {
+    const float sh = to_f(x[jj]);
+    float acc = 0.f;
+    for (int64_t i = 0; i < p; ++i) acc += to_f(x[i * c + jj]) - sh;
+    const float o = acc / float(p);
+    float s = 0.f;
+    for (int64_t i = 0; i < p; ++i) { const float d = (to_f(x[i * c + jj]) - sh) - o; s += d * d; }
+    shift[jj] = sh; off[jj] = o; m2[jj] = s;
   }
 }
 
-// y = ((x - hi) - lo) * a + b: hi + lo is the per-channel centre (group mean - temb) in two floats, so
-// x - hi is exact when the mean is large and the output keeps full precision.
+// y = (x - hi) * a + b: hi is the per-channel centre (group mean - temb) rounded to float, so x - hi is exact
+// when the mean is large; the rounding remainder of the centre is folded into b by the caller.
 template <typename T>
-static void row_affine_impl(const T* x, T* y, int64_t len, int64_t r0, int64_t r1, const float* hi, const float* lo,
-                            const float* a, const float* b, bool do_silu) {
+static void row_affine_impl(const T* x, T* y, int64_t len, int64_t r0, int64_t r1, const float* hi, const float* a,
+                            const float* b, bool do_silu) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* src = x + r * len;
     T* dst = y + r * len;
-    const Vec vh(hi[r]), vl(lo[r]), va(a[r]), vb(b[r]);
-    for (int64_t i = 0; i < len; i += kV) {
-      const int64_t m = std::min<int64_t>(kV, len - i);
-      Vec v = at::vec::fmadd((load(src + i, m) - vh) - vl, va, vb);
-      if (do_silu) v = silu(v);
-      store(dst + i, v, m);
+    const Vec vh(hi[r]), va(a[r]), vb(b[r]);
+    int64_t i = 0;
+    if (do_silu) {
+      for (; i + kV <= len; i += kV) store(dst + i, silu(at::vec::fmadd(load(src + i) - vh, va, vb)));
+    } else {
+      for (; i + kV <= len; i += kV) store(dst + i, at::vec::fmadd(load(src + i) - vh, va, vb));
+    }
+    if (i < len) {
+      const int64_t m = len - i;
+      Vec v = at::vec::fmadd(load(src + i, m) - vh, va, vb);
+      store(dst + i, do_silu ? silu(v) : v, m);
+    }
+  }
+}
+
+template <typename T, bool SILU>
+static void col_affine_full(const T* x, T* y, int64_t p, int64_t c, const float* hi, const float* a, const float* b) {
+  for (int64_t i = 0; i < p; ++i) {
+    const T* src = x + i * c;
+    T* dst = y + i * c;
+    for (int64_t j = 0; j < c; j += kV) {
+      Vec v = at::vec::fmadd(load(src + j) - Vec::loadu(hi + j), Vec::loadu(a + j), Vec::loadu(b + j));
+      if (SILU) v = silu(v);
+      store(dst + j, v);
     }
   }
 }
 
 template <typename T>
-static void col_affine_impl(const T* x, T* y, int64_t p, int64_t c, const float* hi, const float* lo, const float* a,
-                            const float* b, bool do_silu) {
+static void col_affine_impl(const T* x, T* y, int64_t p, int64_t c, const float* hi, const float* a, const float* b,
+                            bool do_silu) {
+  if (c % kV == 0) {
+    if (do_silu) col_affine_full<T, true>(x, y, p, c, hi, a, b);
+    else col_affine_full<T, false>(x, y, p, c, hi, a, b);
+    return;
+  }
   for (int64_t i = 0; i < p; ++i) {
     const T* src = x + i * c;
     T* dst = y + i * c;
     for (int64_t j = 0; j < c; j += kV) {
       const int64_t m = std::min<int64_t>(kV, c - j);
-      Vec v = at::vec::fmadd((load(src + j, m) - load(hi + j, m)) - load(lo + j, m), load(a + j, m), load(b + j, m));
+      Vec v = at::vec::fmadd(load(src + j, m) - load(hi + j, m), load(a + j, m), load(b + j, m));
       if (do_silu) v = silu(v);
       store(dst + j, v, m);
     }
@@ -100,14 +163,13 @@ void col_stats_kernel(DType dt, const void* x, int64_t p, int64_t c, float* shif
   DDPM_FAST_DISPATCH(dt, col_stats_impl<T>(static_cast<const T*>(x), p, c, shift, off, m2);)
 }
 void row_affine_kernel(DType dt, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
-                       const float* lo, const float* a, const float* b, bool do_silu) {
-  DDPM_FAST_DISPATCH(dt, row_affine_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), len, r0, r1, hi, lo, a, b,
+                       const float* a, const float* b, bool do_silu) {
+  DDPM_FAST_DISPATCH(dt, row_affine_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), len, r0, r1, hi, a, b,
                                             do_silu);)
 }
-void col_affine_kernel(DType dt, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* lo,
-                       const float* a, const float* b, bool do_silu) {
-  DDPM_FAST_DISPATCH(dt, col_affine_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), p, c, hi, lo, a, b,
-                                            do_silu);)
+void col_affine_kernel(DType dt, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
+                       const float* b, bool do_silu) {
+  DDPM_FAST_DISPATCH(dt, col_affine_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), p, c, hi, a, b, do_silu);)
 }
 
 }  // namespace CPU_CAPABILITY
