@@ -13,18 +13,6 @@ struct StepCoefs {
   bool has_clip, has_noise;
 };
 
-// One (batch, head) pair of attention in fp32. q/k/v rows have unit stride along D.
-struct AttnArgs {
-  const float* q;   // [L, D], row stride q_rs
-  const float* kt;  // packed K^T blocks: ceil(S/kBlock) blocks of [D, kBlock] (zero padded)
-  const float* v;   // [S, Dv], row stride v_rs
-  float* out;       // [L, Dv], row stride out_rs
-  int64_t q_rs, v_rs, out_rs;
-  int64_t L, S, D, Dv;
-  float scale;
-};
-constexpr int64_t kAttnKBlock = 64;  // keys per block (multiple of 16: two 8-float vectors, zero padded)
-
 struct Kernels {
   const char* isa;
   // scheduler step on n contiguous elements.
@@ -40,15 +28,9 @@ struct Kernels {
   // y = (x - hi) * a + b per column (then SiLU) over p rows of c columns.
   void (*col_affine)(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
                      const float* b, bool silu);
-  // Pack K [S, D] (row stride k_rs) into the blocked K^T layout of AttnArgs::kt.
-  void (*attn_pack_kt)(const float* k, int64_t k_rs, int64_t S, int64_t D, float* kt);
-  // Rows [q0, q1) of one attention problem; scratch holds attn_scratch_floats(...) floats.
-  void (*attn_rows)(const AttnArgs&, int64_t q0, int64_t q1, float* scratch);
+  // In place, for `rows` rows of n scores (row stride ld): s = softmax(scale * s) along the row.
+  void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
 };
-
-inline int64_t attn_scratch_floats(int64_t rows, int64_t Dv) {
-  return rows * Dv + rows * kAttnKBlock + 2 * rows + 64;
-}
 
 #define DDPM_FAST_DECLARE_ISA(NS) \
   namespace NS {                  \

@@ -70,15 +70,9 @@ template <> inline void store<float>(float* p, const Vec& v, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// y * sigmoid(y) = y / (1 + 2^t), t = -y * log2(e), without a libm/Sleef call or a divide (the SiLU pass is
-// bound by FMA-port work). 2^t = 2^n * 2^f with n = round(t), f in [-1/2, 1/2]: a degree-6 fit of 2^f
-// (relative error 1e-7 in float), 2^n added straight into the exponent bits; then a Newton-refined
-// reciprocal (~1.5e-7). t is clamped to [-125, 115] so the exponent add stays a normal float and 1 + 2^t
-// stays finite; the clamped ends give y or ~y * 2^-115, within a few ulp of the exact SiLU. NaN propagates.
-inline Vec silu(const Vec& yv) {
-  const __m256 y = yv;
-  __m256 t = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504088896341f));
-  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(115.f)), _mm256_set1_ps(-125.f));
+// 2^t for t in [-125, 115] (callers clamp): 2^n * 2^f with n = round(t), f in [-1/2, 1/2]; a degree-6 fit of
+// 2^f (relative error 1e-7 in float), 2^n added straight into the exponent bits (stays a normal float).
+inline __m256 exp2_clamped(__m256 t) {
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
   __m256 p = _mm256_set1_ps(1.5345794963650405e-4f);
@@ -88,15 +82,34 @@ inline Vec silu(const Vec& yv) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022646248340607e-1f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471824645996e-1f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256 e = _mm256_castsi256_ps(
-      _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
-  const __m256 d = _mm256_add_ps(e, _mm256_set1_ps(1.f));
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the row max); below -86 it returns ~2^-125 instead of 0,
+// negligible next to the row sum (>= 1). NaN x gives NaN.
+inline Vec exp_nonpos(const Vec& x) {
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);
+  t = _mm256_max_ps(t, _mm256_set1_ps(-125.f));
+  return Vec(_mm256_or_ps(exp2_clamped(t), nan));
+}
+
+// y * sigmoid(y) = y / (1 + 2^t), t = -y * log2(e), without a libm/Sleef call or a divide (the SiLU pass is
+// bound by FMA-port work): exp2_clamped, then a Newton-refined reciprocal (~1.5e-7). t is clamped to
+// [-125, 115] so 1 + 2^t stays finite; the clamped ends give y or ~y * 2^-115, within a few ulp of the exact
+// SiLU. NaN propagates through the final multiply by y.
+inline Vec silu(const Vec& yv) {
+  const __m256 y = yv;
+  __m256 t = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504088896341f));
+  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(115.f)), _mm256_set1_ps(-125.f));
+  const __m256 d = _mm256_add_ps(exp2_clamped(t), _mm256_set1_ps(1.f));
   const __m256 r = _mm256_rcp_ps(d);
   const __m256 yr = _mm256_mul_ps(y, r);
   // y / d = y*r + y*r*(1 - d*r): one Newton step folded into the final multiply.
   return Vec(_mm256_fmadd_ps(yr, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(1.f)), yr));
 }
 #else
+inline Vec exp_nonpos(const Vec& x) { return x.exp(); }
 inline Vec silu(const Vec& y) {
   // y * sigmoid(y); exp(-y) = inf gives y/inf = -0: the correct limit.
   return y / (Vec(1.f) + y.neg().exp());
@@ -125,7 +138,6 @@ void row_affine_kernel(DType, const void* x, void* y, int64_t len, int64_t r0, i
                        const float* a, const float* b, bool silu);
 void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
                        const float* b, bool silu);
-void attn_pack_kt_kernel(const float* k, int64_t k_rs, int64_t S, int64_t D, float* kt);
-void attn_rows_kernel(const AttnArgs& a, int64_t q0, int64_t q1, float* scratch);
+void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
 }  // namespace CPU_CAPABILITY
 }  // namespace ddpm_fast::cpu
