@@ -38,7 +38,7 @@ static void row_stats_impl(const T* x, int64_t len, int64_t r0, int64_t r1, floa
 }
 
 // Per-column (channel) shifted two-pass statistics over p pixel rows of c channels. Columns go in blocks of
-// up to four vectors whose accumulators stay in registers for the whole pixel loop; the piece is small enough
+// up to two vectors whose accumulators stay in registers for the whole pixel loop; the piece is small enough
 // (caller: ~32 KB) that the second pass reads it from L1/L2.
 template <typename T, int NV>
 static inline void col_stats_block(const T* x, int64_t p, int64_t c, int64_t j, float* shift, float* off,
@@ -84,7 +84,8 @@ static inline void col_stats_block(const T* x, int64_t p, int64_t c, int64_t j, 
 template <typename T>
 static void col_stats_impl(const T* x, int64_t p, int64_t c, float* shift, float* off, float* m2) {
   int64_t j = 0;
-  for (; j + 4 * kV <= c; j += 4 * kV) col_stats_block<T, 4>(x, p, c, j, shift, off, m2);
+  // Two vectors x two rows: 4 chains, and (with the shifts and means) few enough live registers not to spill.
+  for (; j + 2 * kV <= c; j += 2 * kV) col_stats_block<T, 2>(x, p, c, j, shift, off, m2);
   for (; j + kV <= c; j += kV) col_stats_block<T, 1>(x, p, c, j, shift, off, m2);
   if (j == c) return;
   // Ragged last columns (c not a multiple of the vector width): scalar, rare in practice.
