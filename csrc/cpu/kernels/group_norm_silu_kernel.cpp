@@ -37,45 +37,34 @@ static void row_stats_impl(const T* x, int64_t len, int64_t r0, int64_t r1, floa
   }
 }
 
-// Per-column (channel) shifted two-pass statistics over p pixel rows of c channels. Columns go in blocks of
-// up to two vectors whose accumulators stay in registers for the whole pixel loop; the piece is small enough
-// (caller: ~32 KB) that the second pass reads it from L1/L2.
-template <typename T, int NV>
-static inline void col_stats_block(const T* x, int64_t p, int64_t c, int64_t j, float* shift, float* off,
-                                   float* m2) {
-  // Two pixel rows per step into separate accumulators: 2 * NV independent add/FMA chains hide the latency.
-  Vec sh[NV], acc[NV], acc2[NV];
-  for (int k = 0; k < NV; ++k) { sh[k] = load(x + j + k * kV); acc[k] = Vec(0.f); acc2[k] = Vec(0.f); }
+// Per-column (channel) shifted two-pass statistics over p pixel rows of c channels (a piece of ~32 KB).
+// Pass 1 (shifted sums) walks the piece in memory order, since it is the pass that pulls it from DRAM/L3
+// (column blocks would stride over rows and defeat the prefetcher); pass 2 (M2) then runs per block of two
+// columns-vectors x two rows with its accumulators in registers, reading the now cache-resident piece.
+template <typename T>
+static inline void col_m2_block(const T* x, int64_t p, int64_t c, int64_t j, const float* shift, const float* off,
+                                float* m2) {
+  constexpr int NV = 2;
+  Vec sh[NV], mu[NV], s[NV], s2[NV];
+  for (int k = 0; k < NV; ++k) {
+    sh[k] = Vec::loadu(shift + j + k * kV);
+    mu[k] = Vec::loadu(off + j + k * kV);
+    s[k] = Vec(0.f);
+    s2[k] = Vec(0.f);
+  }
   int64_t i = 0;
   for (; i + 2 <= p; i += 2) {
     const T* row = x + i * c + j;
     for (int k = 0; k < NV; ++k) {
-      acc[k] += load(row + k * kV) - sh[k];
-      acc2[k] += load(row + c + k * kV) - sh[k];
-    }
-  }
-  if (i < p)
-    for (int k = 0; k < NV; ++k) acc[k] += load(x + i * c + j + k * kV) - sh[k];
-  const Vec inv(1.f / float(p));
-  for (int k = 0; k < NV; ++k) {
-    acc[k] = (acc[k] + acc2[k]) * inv;
-    sh[k].store(shift + j + k * kV);
-    acc[k].store(off + j + k * kV);
-  }
-  Vec s[NV], s2[NV];
-  for (int k = 0; k < NV; ++k) { s[k] = Vec(0.f); s2[k] = Vec(0.f); }
-  for (i = 0; i + 2 <= p; i += 2) {
-    const T* row = x + i * c + j;
-    for (int k = 0; k < NV; ++k) {
-      const Vec d = (load(row + k * kV) - sh[k]) - acc[k];
-      const Vec d2 = (load(row + c + k * kV) - sh[k]) - acc[k];
+      const Vec d = (load(row + k * kV) - sh[k]) - mu[k];
+      const Vec d2 = (load(row + c + k * kV) - sh[k]) - mu[k];
       s[k] = at::vec::fmadd(d, d, s[k]);
       s2[k] = at::vec::fmadd(d2, d2, s2[k]);
     }
   }
   if (i < p)
     for (int k = 0; k < NV; ++k) {
-      const Vec d = (load(x + i * c + j + k * kV) - sh[k]) - acc[k];
+      const Vec d = (load(x + i * c + j + k * kV) - sh[k]) - mu[k];
       s[k] = at::vec::fmadd(d, d, s[k]);
     }
   for (int k = 0; k < NV; ++k) (s[k] + s2[k]).store(m2 + j + k * kV);
@@ -83,20 +72,22 @@ static inline void col_stats_block(const T* x, int64_t p, int64_t c, int64_t j, 
 
 template <typename T>
 static void col_stats_impl(const T* x, int64_t p, int64_t c, float* shift, float* off, float* m2) {
+  const int64_t cv = c / kV * kV;  // columns covered by full vectors
+  for (int64_t j = 0; j < c; ++j) { shift[j] = to_f(x[j]); off[j] = 0.f; m2[j] = 0.f; }
+  for (int64_t i = 0; i < p; ++i) {
+    const T* row = x + i * c;
+    for (int64_t j = 0; j < cv; j += kV)
+      (Vec::loadu(off + j) + (load(row + j) - Vec::loadu(shift + j))).store(off + j);
+    for (int64_t j = cv; j < c; ++j) off[j] += to_f(row[j]) - shift[j];
+  }
+  const float inv = 1.f / float(p);
+  for (int64_t j = 0; j < c; ++j) off[j] *= inv;
   int64_t j = 0;
-  // Two vectors x two rows: 4 chains, and (with the shifts and means) few enough live registers not to spill.
-  for (; j + 2 * kV <= c; j += 2 * kV) col_stats_block<T, 2>(x, p, c, j, shift, off, m2);
-  for (; j + kV <= c; j += kV) col_stats_block<T, 1>(x, p, c, j, shift, off, m2);
-  if (j == c) return;
-  // Ragged last columns (c not a multiple of the vector width): scalar, rare in practice.
-  for (int64_t jj = j; jj < c; ++jj) {
-    const float sh = to_f(x[jj]);
-    float acc = 0.f;
-    for (int64_t i = 0; i < p; ++i) acc += to_f(x[i * c + jj]) - sh;
-    const float o = acc / float(p);
+  for (; j + 2 * kV <= c; j += 2 * kV) col_m2_block(x, p, c, j, shift, off, m2);
+  for (; j < c; ++j) {  // odd last vector / ragged columns: scalar, rare in practice
     float s = 0.f;
-    for (int64_t i = 0; i < p; ++i) { const float d = (to_f(x[i * c + jj]) - sh) - o; s += d * d; }
-    shift[jj] = sh; off[jj] = o; m2[jj] = s;
+    for (int64_t i = 0; i < p; ++i) { const float d = (to_f(x[i * c + j]) - shift[j]) - off[j]; s += d * d; }
+    m2[j] = s;
   }
 }
 
