@@ -58,44 +58,59 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
   // second look at it (M2) hits L1/L2, and batch 1 still splits across threads.
   const int64_t P = channels_last ? std::max<int64_t>(1, std::min<int64_t>(HW, 8192 / std::max<int64_t>(C, 1))) : HW;
   const int64_t nchunks = channels_last ? (HW + P - 1) / P : 1;
-  std::vector<float> shift(N * nchunks * C), off(N * nchunks * C), m2(N * nchunks * C);
+  // Statistics per piece and channel: mean = ref + off, M2 around it. ref is one value per (sample, channel)
+  // shared by all its pieces (channels_last: the sample's first pixel; NCHW: the row's first value), so the
+  // pieces' offsets are small numbers that combine in float; only the per-channel totals go to double.
+  std::vector<float> shift(N * C), off(N * nchunks * C), m2(N * nchunks * C);
+  if (channels_last) {
+    if (dt == DType::F32) {
+      const float* xf = x.const_data_ptr<float>();
+      for (int64_t n = 0; n < N; ++n) std::copy(xf + n * HW * C, xf + n * HW * C + C, &shift[n * C]);
+    } else {
+      const at::Tensor first = x.select(3, 0).select(2, 0).to(at::kFloat).contiguous();
+      std::copy(first.const_data_ptr<float>(), first.const_data_ptr<float>() + N * C, shift.begin());
+    }
+  }
 
-  // Per-sample coefficients from the piece statistics (Chan's combination in double; temb is a per-channel
-  // shift that moves the mean, not M2): y = (x - hi) * a + b2 with hi = float(group mean - temb),
-  // a = rstd * gamma and b2 = beta - (centre - hi) * a, the rounding remainder of the centre folded into b2.
+  // Per-sample coefficients (Chan's combination; temb is a per-channel shift that moves the mean, not M2):
+  // y = (x - hi) * a + b2 with hi = float(group mean - temb), a = rstd * gamma and b2 = beta - (centre - hi) * a,
+  // the rounding remainder of the centre folded into b2.
   const double count = double(Cg) * double(HW);
-  auto coefs = [&](int64_t n, float* hi, float* a, float* b2) {
-    // Two sweeps over the pieces in contiguous per-channel loops (vectorisable): group means, then M2.
-    std::vector<double> acc(2 * C, 0.0), gmu(G);
-    double* msum = acc.data();
-    double* m2sum = msum + C;
-    const float* tn = pt ? pt + n * C : nullptr;
+  auto coefs = [&](int64_t n, float* hi, float* a, float* b2, float* work) {
+    float* so = work;       // per channel: sum over pieces of count * off, then the channel's mean offset
+    float* sm2 = work + C;  // per channel: M2 around the channel mean
+    std::fill(work, work + 2 * C, 0.f);
     for (int64_t ch = 0; ch < nchunks; ++ch) {
-      const double w = double(std::min(P, HW - ch * P));
-      const int64_t i0 = (n * nchunks + ch) * C;
-      for (int64_t c = 0; c < C; ++c) msum[c] += w * (double(shift[i0 + c]) + double(off[i0 + c]));
+      const float w = float(std::min(P, HW - ch * P));
+      const float* o = &off[(n * nchunks + ch) * C];
+      for (int64_t c = 0; c < C; ++c) so[c] += w * o[c];
     }
-    for (int64_t g = 0; g < G; ++g) {
-      double s = 0.0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += msum[c] + (tn ? double(HW) * tn[c] : 0.0);
-      gmu[g] = s / count;
-    }
-    for (int64_t g = 0; g < G; ++g)  // centre per channel
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) msum[c] = gmu[g] - (tn ? double(tn[c]) : 0.0);
+    const float inv_hw = 1.f / float(HW);
+    for (int64_t c = 0; c < C; ++c) so[c] *= inv_hw;
     for (int64_t ch = 0; ch < nchunks; ++ch) {
-      const double w = double(std::min(P, HW - ch * P));
-      const int64_t i0 = (n * nchunks + ch) * C;
+      const float w = float(std::min(P, HW - ch * P));
+      const float* o = &off[(n * nchunks + ch) * C];
+      const float* q = &m2[(n * nchunks + ch) * C];
       for (int64_t c = 0; c < C; ++c) {
-        const double d = (double(shift[i0 + c]) + double(off[i0 + c])) - msum[c];
-        m2sum[c] += double(m2[i0 + c]) + w * d * d;
+        const float d = o[c] - so[c];
+        sm2[c] += q[c] + w * d * d;
       }
     }
+    const float* ref = &shift[n * C];
+    const float* tn = pt ? pt + n * C : nullptr;
     for (int64_t g = 0; g < G; ++g) {
-      double s = 0.0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += m2sum[c];
-      const double rstd = 1.0 / std::sqrt(std::max(s / count, 0.0) + eps);
+      double mu = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        mu += double(ref[c]) + double(so[c]) + (tn ? double(tn[c]) : 0.0);
+      mu /= double(Cg);
+      double M2 = 0.0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const double centre = msum[c];
+        const double d = double(ref[c]) + double(so[c]) + (tn ? double(tn[c]) : 0.0) - mu;
+        M2 += double(sm2[c]) + double(HW) * d * d;
+      }
+      const double rstd = 1.0 / std::sqrt(std::max(M2 / count, 0.0) + eps);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double centre = mu - (tn ? double(tn[c]) : 0.0);
         const double ad = rstd * (pw ? pw[c] : 1.0);
         hi[c] = float(centre);
         a[c] = float(ad);
@@ -125,11 +140,11 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
     auto stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
-        k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[task * C], &off[task * C], &m2[task * C]);
+        k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[n * C], &off[task * C], &m2[task * C]);
       }
     };
     auto apply = [&](int64_t n, int64_t t0, int64_t t1, std::vector<float>& cf) {
-      coefs(n, cf.data(), cf.data() + C, cf.data() + 2 * C);
+      coefs(n, cf.data(), cf.data() + C, cf.data() + 2 * C, cf.data() + 3 * C);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
         const int64_t o = (n * HW + p0) * C * es;
@@ -138,7 +153,7 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
     };
     auto run = [&](int64_t i0, int64_t i1) {
       const int64_t pc0 = i0 * np / nt, pc1 = i1 * np / nt;
-      std::vector<float> cf(3 * C);
+      std::vector<float> cf(5 * C);
       // Segments of [pc0, pc1) by sample; split ones are those not covering their whole sample.
       auto for_segments = [&](auto&& f) {
         for (int64_t t = pc0; t < pc1;) {
@@ -175,8 +190,8 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
       k.row_stats(dt, px, HW, r0, r1, shift.data(), off.data(), m2.data());
     });
-    std::vector<float> hi(N * C), a(N * C), b2(N * C);
-    for (int64_t n = 0; n < N; ++n) coefs(n, &hi[n * C], &a[n * C], &b2[n * C]);
+    std::vector<float> hi(N * C), a(N * C), b2(N * C), work(2 * C);
+    for (int64_t n = 0; n < N; ++n) coefs(n, &hi[n * C], &a[n * C], &b2[n * C], work.data());
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
       k.row_affine(dt, px, py, HW, r0, r1, hi.data(), a.data(), b2.data(), silu);
     });

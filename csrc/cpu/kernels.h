@@ -20,8 +20,9 @@ struct Kernels {
                          int64_t n, const StepCoefs&);
   // Per-row mean (= shift + off) and M2 (sum of squared deviations, two-pass) of rows [r0, r1) of length len.
   void (*row_stats)(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* shift, float* off, float* m2);
-  // Per-column mean and M2 over p rows of c columns (channels-last pixels x channels).
-  void (*col_stats)(DType, const void* x, int64_t p, int64_t c, float* shift, float* off, float* m2);
+  // Per-column mean (= ref + off) and M2 (around that mean) over p rows of c columns (channels-last pixels x
+  // channels); ref is a caller-chosen per-column value near the data (keeps |mean| >> std exact).
+  void (*col_stats)(DType, const void* x, int64_t p, int64_t c, const float* ref, float* off, float* m2);
   // y = (x - hi[r]) * a[r] + b[r] (then SiLU) for rows [r0, r1) of length len.
   void (*row_affine)(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
                      const float* a, const float* b, bool silu);

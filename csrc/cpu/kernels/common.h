@@ -133,7 +133,7 @@ namespace CPU_CAPABILITY {
 void scheduler_step_kernel(DType, const void* eps, const void* x, const void* noise, void* prev, void* x0,
                            int64_t n, const StepCoefs& c);
 void row_stats_kernel(DType, const void* x, int64_t len, int64_t r0, int64_t r1, float* shift, float* off, float* m2);
-void col_stats_kernel(DType, const void* x, int64_t p, int64_t c, float* shift, float* off, float* m2);
+void col_stats_kernel(DType, const void* x, int64_t p, int64_t c, const float* ref, float* off, float* m2);
 void row_affine_kernel(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
                        const float* a, const float* b, bool silu);
 void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,

@@ -37,7 +37,8 @@ static void row_stats_impl(const T* x, int64_t len, int64_t r0, int64_t r1, floa
   }
 }
 
-// Per-column (channel) shifted two-pass statistics over p pixel rows of c channels (a piece of ~32 KB).
+// Per-column (channel) two-pass statistics around the caller's per-column shift over p pixel rows of c
+// channels (a piece of ~32 KB).
 // Pass 1 (shifted sums) walks the piece in memory order, since it is the pass that pulls it from DRAM/L3
 // (column blocks would stride over rows and defeat the prefetcher); pass 2 (M2) then runs per block of two
 // columns-vectors x two rows with its accumulators in registers, reading the now cache-resident piece.
@@ -71,9 +72,9 @@ static inline void col_m2_block(const T* x, int64_t p, int64_t c, int64_t j, con
 }
 
 template <typename T>
-static void col_stats_impl(const T* x, int64_t p, int64_t c, float* shift, float* off, float* m2) {
+static void col_stats_impl(const T* x, int64_t p, int64_t c, const float* shift, float* off, float* m2) {
   const int64_t cv = c / kV * kV;  // columns covered by full vectors
-  for (int64_t j = 0; j < c; ++j) { shift[j] = to_f(x[j]); off[j] = 0.f; m2[j] = 0.f; }
+  for (int64_t j = 0; j < c; ++j) { off[j] = 0.f; m2[j] = 0.f; }
   for (int64_t i = 0; i < p; ++i) {
     const T* row = x + i * c;
     for (int64_t j = 0; j < cv; j += kV)
@@ -151,7 +152,7 @@ void row_stats_kernel(DType dt, const void* x, int64_t len, int64_t r0, int64_t 
                       float* m2) {
   DDPM_FAST_DISPATCH(dt, row_stats_impl<T>(static_cast<const T*>(x), len, r0, r1, shift, off, m2);)
 }
-void col_stats_kernel(DType dt, const void* x, int64_t p, int64_t c, float* shift, float* off, float* m2) {
+void col_stats_kernel(DType dt, const void* x, int64_t p, int64_t c, const float* shift, float* off, float* m2) {
   DDPM_FAST_DISPATCH(dt, col_stats_impl<T>(static_cast<const T*>(x), p, c, shift, off, m2);)
 }
 void row_affine_kernel(DType dt, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
