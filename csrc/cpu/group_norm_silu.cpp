@@ -3,6 +3,7 @@
 // fused multiply-add + SiLU writing the output. NCHW works per channel row, channels_last per chunk of pixels.
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <thread>
 #include <optional>
 #include <vector>
@@ -121,22 +122,19 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
 
   if (channels_last) {
     // One parallel region for both passes: participant i owns pieces [i*np/nt, (i+1)*np/nt). A sample whose
-    // pieces it owns entirely is done start to finish while its slab is still in L2 (statistics, coefficients,
-    // apply). A sample split across participants (batch 1) only has its statistics taken first; after the
-    // owned samples, the participant waits on a counter until every split piece's statistics are in (not a
-    // second fork/join: these ops take ~10-100 us, a region costs several us) and then applies its part.
-    // That needs all participants running at once, which an OpenMP team guarantees; a serial (nested) run
-    // covers every participant in one call and never waits.
+    // pieces one call of `run` owns entirely is done start to finish while its slab is still in L2
+    // (statistics, coefficients, apply). A sample split across calls (batch 1) only has its statistics taken
+    // first; after its whole samples, the call waits until that sample's pending-piece counter reaches zero
+    // (not a second fork/join: these ops take ~10-100 us, a region costs several us) and then applies its
+    // part. Counting per sample keeps this correct however at::parallel_for groups participants into calls;
+    // it needs the calls to run at once, which an OpenMP team guarantees (a serial, nested run is one call
+    // covering every participant and never waits).
     const int64_t np = N * nchunks;
     const int64_t work = N * C * HW;
     int64_t nt = std::min<int64_t>(at::get_num_threads(), np);
     if (work < 16384 || !AT_PARALLEL_OPENMP) nt = 1;
-    int64_t nsplit = 0;  // pieces of samples that are split across participants
-    for (int64_t i = 1, last = -1; i < nt; ++i) {
-      const int64_t b = i * np / nt;
-      if (b % nchunks != 0 && b / nchunks != last) { nsplit += nchunks; last = b / nchunks; }
-    }
-    std::atomic<int64_t> done{0};
+    std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[N]);
+    for (int64_t n = 0; n < N; ++n) pending[n].store(nchunks, std::memory_order_relaxed);
     auto stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
@@ -162,26 +160,29 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
           t = e;
         }
       };
-      int64_t mine = 0;
-      for_segments([&](int64_t, int64_t t0, int64_t t1, bool split) {
-        if (split) { stats(t0, t1); mine += t1 - t0; }
+      bool any_split = false;
+      for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
+        if (!split) return;
+        stats(t0, t1);
+        pending[n].fetch_sub(t1 - t0, std::memory_order_acq_rel);
+        any_split = true;
       });
-      if (mine) done.fetch_add(mine, std::memory_order_acq_rel);
       for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
         if (!split) { stats(t0, t1); apply(n, t0, t1, cf); }
       });
-      if (!mine) return;
-      for (int spins = 0; done.load(std::memory_order_acquire) < nsplit; ++spins) {
-        if (spins < 4000) {
-#if defined(__x86_64__) || defined(__i386__)
-          __builtin_ia32_pause();
-#endif
-        } else {
-          std::this_thread::yield();
-        }
-      }
+      if (!any_split) return;
       for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
-        if (split) apply(n, t0, t1, cf);
+        if (!split) return;
+        for (int spins = 0; pending[n].load(std::memory_order_acquire) > 0; ++spins) {
+          if (spins < 4000) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+          } else {
+            std::this_thread::yield();
+          }
+        }
+        apply(n, t0, t1, cf);
       });
     };
     if (nt == 1) run(0, 1);
