@@ -13,7 +13,10 @@
 namespace ddpm_fast::cpu {
 
 static at::Tensor float_param(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
+  if (!t.has_value()) return at::Tensor();
+  // Already fp32 and dense (the usual case): skip the .to/.contiguous dispatcher round trips (~1 us each).
+  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;
+  return t->to(at::kFloat).contiguous();
 }
 
 static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
