@@ -1,6 +1,8 @@
 // CPU attention: accepts (B, H, L, D) / (B, L, D) views with any strides (unit last-dim stride is used in
 // place; anything else is copied) and runs (batch, head, query block) tasks in parallel: GEMM, fused softmax,
 // GEMM.
+#include <c10/core/InferenceMode.h>
+
 #include <cmath>
 #include <optional>
 
@@ -50,6 +52,9 @@ static at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     bq = std::max<int64_t>(1, std::min<int64_t>({bq, 256, std::max<int64_t>(8, (512 * 1024) / (4 * S))}));
     const int64_t nqb = (L + bq - 1) / bq;
     at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+      // Worker threads do not inherit the caller's InferenceMode; without it, writing into `out` (an
+      // inference tensor when the caller runs under torch.inference_mode) through at::mm_out is refused.
+      c10::InferenceMode inference_guard;
       at::Tensor scores = at::empty({bq, S}, out.options());
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t bh = task / nqb, qb = task % nqb, bi = bh / H, hi = bh % H;
