@@ -94,7 +94,9 @@ missing=$(LD_LIBRARY_PATH="$torch_lib:$nv_libs${LD_LIBRARY_PATH:-}" ldd "$so" | 
 # (and the Python runtime for Py* / _Py*), so a missing template instantiation or a wrong torch ABI shows here.
 deps=$(LD_LIBRARY_PATH="$torch_lib:$nv_libs${LD_LIBRARY_PATH:-}" ldd "$so" | awk '/=> \//{print $3} /ld-linux/ && !/=>/{print $1}')
 nm -D --defined-only $deps 2>/dev/null | awk '{print $3}' | sed 's/@.*//' | sort -u >"$build.defined.txt"
-nm -D --undefined-only "$so" | awk '{print $2}' | sed 's/@.*//' | sort -u >"$build.undefined.txt"
+# Only strong references ("U"): a weak one ("w", e.g. the TLS init function of a thread_local in libc10)
+# may legitimately stay unresolved and reads as null at run time.
+nm -D --undefined-only "$so" | awk '$1 == "U" {print $2}' | sed 's/@.*//' | sort -u >"$build.undefined.txt"
 unresolved=$(comm -23 "$build.undefined.txt" "$build.defined.txt" | grep -v -E '^(_?Py|_Py|__gmon_start__|_ITM_|__cxa_finalize|_Jv_)' || true)
 [ -z "$unresolved" ] || fail "symbols not exported by any linked library: $(echo "$unresolved" | head -20 | c++filt | tr '\n' ' ')"
 
