@@ -24,6 +24,18 @@ from .hub import resolve_file
 DIFFUSERS_COMPAT_VERSION = "0.42.1"
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """Load a JSON file that must hold an object; clear ValueError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
 class FrozenDict(OrderedDict):
     """An ordered dict whose items are also attributes and which refuses mutation."""
 
@@ -134,14 +146,7 @@ class ConfigMixin:
     def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> dict:
         """Read ``config_name`` from a file, a local folder (optionally ``subfolder``) or a hub id."""
         path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a valid JSON config file: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return data
+        return read_json_object(path)
 
     def to_json_string(self) -> str:
         data = {k: _json_value(v) for k, v in self.config.items() if k not in ("_use_default_values", "_ignore_files")}

@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from ..configuration import DIFFUSERS_COMPAT_VERSION
+from ..configuration import DIFFUSERS_COMPAT_VERSION, read_json_object
 from ..hub import is_hub_id
 from ..utils.outputs import BaseOutput
 
@@ -70,16 +70,7 @@ def resolve_pipeline_dir(pretrained_model_name_or_path: str | os.PathLike, **hub
 
 def read_model_index(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, MODEL_INDEX)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return index
+    return read_json_object(path) if os.path.isfile(path) else {}
 
 
 def component_subfolder(folder: str, name: str) -> str | None:
