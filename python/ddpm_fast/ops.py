@@ -95,6 +95,9 @@ def group_norm_silu(
 
     Statistics are computed in float32 (stable for ``|mean| >> std``); the output has ``x``'s dtype.
     """
+    out = _group_norm_silu_cpu_fast(x, num_groups, weight, bias, eps, temb, silu)
+    if out is not None:
+        return out
     _check_tensor("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
@@ -123,6 +126,33 @@ def group_norm_silu(
     if ops is not None and _covers(x, weight, bias, temb):
         return ops.group_norm_silu.default(x, num_groups, weight, bias, float(eps), temb, bool(silu))
     return _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu)
+
+
+def _group_norm_silu_cpu_fast(x, num_groups, weight, bias, eps, temb, silu):
+    """The native CPU op without the Python checks (~7 us, 10 % of a batch-1 call), or None.
+
+    Only for plain CPU inference calls: the op validates every argument itself, and on any error the caller
+    falls through to the checks above, which raise the argument-naming TypeError / ValueError. CUDA always
+    takes those checks first.
+    """
+    if (
+        type(x) is not torch.Tensor
+        or not x.is_cpu
+        or x.dtype not in _FLOAT_DTYPES
+        or type(num_groups) is not int
+        or type(silu) is not bool
+        or not _native.available()
+    ):
+        return None
+    for t in (weight, bias, temb):
+        if t is not None and (type(t) is not torch.Tensor or not t.is_cpu):
+            return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, temb)):
+        return None
+    try:
+        return torch.ops.ddpm_fast.group_norm_silu.default(x, num_groups, weight, bias, eps, temb, silu)
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
