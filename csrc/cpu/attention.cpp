@@ -12,24 +12,11 @@ namespace ddpm_fast::cpu {
 
 static at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 std::optional<double> scale) {
-  constexpr const char* op = "attention";
-  TORCH_CHECK(q_in.dim() == 4 || q_in.dim() == 3, op, ": q must be 4-D (B, H, L, D) or 3-D (B, L, D), got ",
-              q_in.dim(), "-D shape ", q_in.sizes());
-  check_float_input(op, "q", q_in);
-  check_same(op, "k", k_in, "q", q_in);
-  check_same(op, "v", v_in, "q", q_in);
-  TORCH_CHECK(k_in.dim() == q_in.dim() && v_in.dim() == q_in.dim(), op, ": q, k and v must have the same ndim, got ",
-              q_in.dim(), ", ", k_in.dim(), " and ", v_in.dim());
+  check_attention(q_in, k_in, v_in, c10::DeviceType::CPU);
   const bool three = q_in.dim() == 3;
   const at::Tensor q = three ? q_in.unsqueeze(1) : q_in, k = three ? k_in.unsqueeze(1) : k_in,
                    v = three ? v_in.unsqueeze(1) : v_in;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && v.size(0) == B && v.size(1) == H, op,
-              ": batch/head sizes differ: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes());
-  TORCH_CHECK(k.size(3) == D, op, ": k's last dim (", k.size(3), ") must equal q's (", D, ")");
-  TORCH_CHECK(v.size(2) == S, op, ": v has ", v.size(2), " keys but k has ", S);
-  TORCH_CHECK(S > 0 || L == 0, op, ": k and v need at least one key");
-  TORCH_CHECK(D > 0, op, ": head dim must be positive");
   const float sc = scale.has_value() ? float(*scale) : float(1.0 / std::sqrt(double(D)));
 
   // fp32 views with unit stride along the last dim are read in place; other inputs get one fp32 copy.

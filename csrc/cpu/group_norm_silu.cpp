@@ -22,26 +22,10 @@ static at::Tensor float_param(const std::optional<at::Tensor>& t) {
 static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                       const std::optional<at::Tensor>& bias, double eps,
                                       const std::optional<at::Tensor>& temb, bool silu) {
-  constexpr const char* op = "group_norm_silu";
-  TORCH_CHECK(x_in.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D shape ", x_in.sizes());
-  check_float_input(op, "x", x_in);
+  TORCH_CHECK(x_in.dim() == 4, "group_norm_silu: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D shape ",
+              x_in.sizes());
+  check_group_norm_silu(x_in, num_groups, weight, bias, eps, temb, c10::DeviceType::CPU);
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
-  TORCH_CHECK(num_groups > 0, op, ": num_groups must be positive, got ", num_groups);
-  TORCH_CHECK(C % num_groups == 0, op, ": channels (", C, ") must be divisible by num_groups (", num_groups, ")");
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
-  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
-    if (!t->has_value()) continue;
-    const at::Tensor& p = **t;
-    TORCH_CHECK(p.device() == x_in.device(), op, ": ", name, " is on ", p.device(), " but x is on ", x_in.device());
-    TORCH_CHECK(p.scalar_type() == x_in.scalar_type() || p.scalar_type() == at::kFloat, op, ": ", name,
-                " must have x's dtype (", x_in.scalar_type(), ") or float32, got ", p.scalar_type());
-    TORCH_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", name, " must have shape (", C, "), got ", p.sizes());
-  }
-  if (temb.has_value()) {
-    check_same(op, "temb", *temb, "x", x_in);
-    TORCH_CHECK(temb->dim() == 2 && temb->size(0) == N && temb->size(1) == C, op, ": temb must have shape (", N,
-                ", ", C, "), got ", temb->sizes());
-  }
 
   const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();

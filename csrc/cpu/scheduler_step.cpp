@@ -10,18 +10,8 @@ static std::tuple<at::Tensor, at::Tensor> scheduler_step_cpu(const at::Tensor& m
                                                             const std::optional<at::Tensor>& noise, double a_x,
                                                             double a_e, double c0, double c1, double c2,
                                                             double noise_scale, std::optional<double> clip_range) {
-  constexpr const char* op = "scheduler_step";
-  check_float_input(op, "sample", sample);
-  check_same(op, "model_output", model_output, "sample", sample);
-  TORCH_CHECK(model_output.sizes() == sample.sizes(), op, ": model_output has shape ", model_output.sizes(),
-              " but sample has shape ", sample.sizes());
+  check_scheduler_step(model_output, sample, noise, clip_range, c10::DeviceType::CPU);
   const bool has_noise = noise.has_value() && noise_scale != 0.0;
-  if (noise.has_value()) {
-    check_same(op, "noise", *noise, "sample", sample);
-    TORCH_CHECK(noise->sizes() == sample.sizes(), op, ": noise has shape ", noise->sizes(), " but sample has shape ",
-                sample.sizes());
-  }
-  TORCH_CHECK(!clip_range.has_value() || *clip_range >= 0.0, op, ": clip_range must be >= 0, got ", *clip_range);
 
   // Work on the storage directly when all inputs share one contiguous or channels_last layout; otherwise
   // fall back to contiguous copies (the fake kernel in ops.py mirrors this rule).

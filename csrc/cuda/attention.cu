@@ -1,6 +1,5 @@
-// Torch glue for the CUDA attention kernel: checks, strides, split workspace, dtype dispatch.
+// Torch glue for the CUDA attention kernel: strides, split workspace, dtype dispatch, launch.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -8,59 +7,32 @@
 #include <cmath>
 #include <optional>
 
+#include "checks.h"
 #include "cuda/attention_kernels.cuh"
+#include "cuda/cuda_glue.h"
 
 namespace {
 
 namespace dk = ddpm_fast::cuda;
-
-void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "ddpm_fast::attention (CUDA): ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "ddpm_fast::attention: ", name, " is on ", t.device(), " but q is on ",
-              q.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "ddpm_fast::attention: ", name, " has dtype ", t.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  TORCH_CHECK(t.dim() == q.dim(), "ddpm_fast::attention: ", name, " must have ", q.dim(), " dims like q, got shape ",
-              t.sizes());
-}
 
 // The kernel needs unit stride along D; batch/head/sequence strides are free (views from the UNet).
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                           std::optional<double> scale) {
-  TORCH_CHECK(q_in.is_cuda(), "ddpm_fast::attention (CUDA): q must be a CUDA tensor, got device ", q_in.device());
+  // Every check throws from host-compiled code (checks.cpp); nothing in this file throws itself.
+  ddpm_fast::check_attention(q_in, k_in, v_in, c10::DeviceType::CUDA, dk::kAttnMaxD);
   const auto st = q_in.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "ddpm_fast::attention: dtype must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(q_in.dim() == 3 || q_in.dim() == 4,
-              "ddpm_fast::attention: q must be (B, H, L, D) or (B, L, D), got shape ", q_in.sizes());
-  check_operand(k_in, "k", q_in);
-  check_operand(v_in, "v", q_in);
   const bool three_d = q_in.dim() == 3;
   at::Tensor q = three_d ? q_in.unsqueeze(1) : q_in;
   at::Tensor k = three_d ? k_in.unsqueeze(1) : k_in;
   at::Tensor v = three_d ? v_in.unsqueeze(1) : v_in;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && v.size(0) == B && v.size(1) == H,
-              "ddpm_fast::attention: q, k, v must share batch and head sizes (no broadcasting), got q ", q_in.sizes(),
-              ", k ", k_in.sizes(), ", v ", v_in.sizes());
-  TORCH_CHECK(k.size(3) == D, "ddpm_fast::attention: q and k must share the head dim D, got q ", q_in.sizes(), ", k ",
-              k_in.sizes());
-  TORCH_CHECK(v.size(2) == S, "ddpm_fast::attention: k and v must have the same sequence length, got k ", k_in.sizes(),
-              ", v ", v_in.sizes());
-  TORCH_CHECK(D >= 1 && D <= dk::kAttnMaxD, "ddpm_fast::attention (CUDA): head dim D=", D,
-              " is outside the supported range [1, ", dk::kAttnMaxD,
-              "]; use torch.nn.functional.scaled_dot_product_attention for it");
-  TORCH_CHECK(Dv >= 1 && Dv <= dk::kAttnMaxD, "ddpm_fast::attention (CUDA): v head dim ", Dv,
-              " is outside the supported range [1, ", dk::kAttnMaxD,
-              "]; use torch.nn.functional.scaled_dot_product_attention for it");
-  TORCH_CHECK(B * H <= INT32_MAX, "ddpm_fast::attention: B*H too large");
+  if (B * H > INT32_MAX) ddpm_fast::fail(c10::str("attention (CUDA): B*H = ", B * H, " is too large"));
 
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, H, L, Dv}, q.options());
   if (out.numel() == 0) return three_d ? out.squeeze(1) : out;
-  TORCH_CHECK(S >= 1, "ddpm_fast::attention: k and v need at least one key (sequence length 0 given)");
   q = unit_last_stride(q);
   k = unit_last_stride(k);
   v = unit_last_stride(v);
@@ -94,8 +66,9 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
   dk::attn_plan(a, dk::device_attribute(cudaDevAttrMultiProcessorCount, dev, 80));
   const size_t smem = dk::attn_smem_bytes(a.ld);
   const size_t smem_max = dk::device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev, 48 * 1024);
-  TORCH_CHECK(smem <= smem_max, "ddpm_fast::attention (CUDA): head dims ", D, "/", Dv, " need ", smem,
-              " bytes of shared memory per block, this GPU allows ", smem_max);
+  if (smem > smem_max)
+    ddpm_fast::fail(c10::str("attention (CUDA): head dims ", D, "/", Dv, " need ", smem,
+                             " bytes of shared memory per block, this GPU allows ", smem_max));
   at::Tensor part_o, part_ml;
   if (a.splits > 1) {
     part_o = at::empty({a.splits, B * H, L, Dv}, q.options().dtype(at::kFloat));
@@ -111,8 +84,7 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
     case at::kHalf: err = dk::launch_attention<__half>(a, stream); break;
     default: err = dk::launch_attention<__nv_bfloat16>(a, stream); break;
   }
-  C10_CUDA_CHECK(err);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ddpm_fast::check_launch("attention", err != cudaSuccess ? err : cudaGetLastError());
   return three_d ? out.squeeze(1) : out;
 }
 

@@ -1,19 +1,18 @@
-// Torch glue for the fused GroupNorm(+temb)(+SiLU) CUDA kernels: checks, memory format, dtype dispatch.
+// Torch glue for the fused GroupNorm(+temb)(+SiLU) CUDA kernels: memory format, dtype dispatch, launch.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 
+#include "checks.h"
+#include "cuda/cuda_glue.h"
 #include "cuda/group_norm_silu_kernels.cuh"
 
 namespace {
 
 namespace dk = ddpm_fast::cuda;
-
-bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 dk::DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -23,38 +22,15 @@ dk::DType to_dtype(at::ScalarType t) {
   }
 }
 
-// weight / bias / temb: any of the three float types (fp32 parameters with fp16 activations are common).
-at::Tensor check_side(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == x.device(), "ddpm_fast::group_norm_silu: ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(is_float_type(t.scalar_type()), "ddpm_fast::group_norm_silu: ", name,
-              " dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "ddpm_fast::group_norm_silu: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  return t;
-}
-
 at::Tensor group_norm_silu_cuda(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, double eps,
                                 const std::optional<at::Tensor>& temb, bool silu) {
-  TORCH_CHECK(x_in.is_cuda(), "ddpm_fast::group_norm_silu (CUDA): x must be a CUDA tensor, got device ",
-              x_in.device());
-  TORCH_CHECK(is_float_type(x_in.scalar_type()),
-              "ddpm_fast::group_norm_silu: x dtype must be float32, float16 or bfloat16, got ", x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() >= 2, "ddpm_fast::group_norm_silu: x must be (N, C, ...) with at least 2 dims, got shape ",
-              x_in.sizes());
-  const int64_t N = x_in.size(0), C = x_in.size(1);
-  TORCH_CHECK(num_groups > 0, "ddpm_fast::group_norm_silu: num_groups must be positive, got ", num_groups);
-  TORCH_CHECK(C % num_groups == 0, "ddpm_fast::group_norm_silu: channels (", C, ") must be divisible by num_groups (",
-              num_groups, ")");
-  TORCH_CHECK(eps >= 0.0, "ddpm_fast::group_norm_silu: eps must be >= 0, got ", eps);
-  const int64_t cpg = C / num_groups;
+  // Every check throws from host-compiled code (checks.cpp); nothing in this file throws itself.
+  ddpm_fast::check_group_norm_silu(x_in, num_groups, weight, bias, eps, temb, c10::DeviceType::CUDA);
+  const int64_t N = x_in.size(0), C = x_in.size(1), cpg = C / num_groups;
   // The per-group channel tables live in shared memory (3 * cpg floats).
-  TORCH_CHECK(cpg <= 4096, "ddpm_fast::group_norm_silu (CUDA): at most 4096 channels per group are supported, got ",
-              cpg);
-  if (weight) check_side(*weight, "weight", x_in, {C});
-  if (bias) check_side(*bias, "bias", x_in, {C});
-  if (temb) check_side(*temb, "temb", x_in, {N, C});
+  if (cpg > 4096)
+    ddpm_fast::fail(c10::str("group_norm_silu (CUDA): at most 4096 channels per group are supported, got ", cpg));
 
   c10::cuda::CUDAGuard guard(x_in.device());
   // NHWC kernel for channels_last 4-D input (unless also plain-contiguous); NCHW kernel for everything else.
@@ -103,7 +79,7 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x_in, int64_t num_groups, cons
                                            reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), a, N, sm, ws_alloc, stream);
       break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ddpm_fast::check_launch("group_norm_silu", cudaGetLastError());
   return y;
 }
 

@@ -1,6 +1,5 @@
-// Torch glue for the fused scheduler step (CUDA): argument checks, layout handling, dtype dispatch.
+// Torch glue for the fused scheduler step (CUDA): layout handling, dtype dispatch, launch.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -8,21 +7,13 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
+#include "cuda/cuda_glue.h"
 #include "cuda/scheduler_step_kernels.cuh"
 
 namespace {
 
 using ddpm_fast::cuda::StepCoefs;
-
-void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), "ddpm_fast::scheduler_step (CUDA): ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), "ddpm_fast::scheduler_step: ", name, " is on ", t.device(),
-              " but sample is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "ddpm_fast::scheduler_step: ", name, " has dtype ", t.scalar_type(),
-              " but sample has dtype ", ref.scalar_type());
-  TORCH_CHECK(t.sizes() == ref.sizes(), "ddpm_fast::scheduler_step: ", name, " has shape ", t.sizes(),
-              " but sample has shape ", ref.sizes());
-}
 
 template <typename T>
 void run(const at::Tensor& e, const at::Tensor& s, const std::optional<at::Tensor>& n, at::Tensor& prev, at::Tensor& x0,
@@ -38,14 +29,9 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step_cuda(const at::Tensor& model_o
                                                        const std::optional<at::Tensor>& noise, double a_x, double a_e,
                                                        double c0, double c1, double c2, double noise_scale,
                                                        std::optional<double> clip_range) {
-  TORCH_CHECK(sample.is_cuda(), "ddpm_fast::scheduler_step (CUDA): sample must be a CUDA tensor, got device ",
-              sample.device());
+  // Every check throws from host-compiled code (checks.cpp); nothing in this file throws itself.
+  ddpm_fast::check_scheduler_step(model_output, sample, noise, clip_range, c10::DeviceType::CUDA);
   const auto st = sample.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "ddpm_fast::scheduler_step: sample dtype must be float32, float16 or bfloat16, got ", st);
-  check_operand(model_output, "model_output", sample);
-  if (noise) check_operand(*noise, "noise", sample);
-  if (clip_range) TORCH_CHECK(*clip_range >= 0.0, "ddpm_fast::scheduler_step: clip_range must be >= 0, got ", *clip_range);
 
   c10::cuda::CUDAGuard guard(sample.device());
   // Elementwise: any dense layout works as long as every operand shares it; otherwise fall back to contiguous.
@@ -71,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step_cuda(const at::Tensor& model_o
     case at::kHalf: run<__half>(e, s, n, prev, x0, k, stream); break;
     default: run<__nv_bfloat16>(e, s, n, prev, x0, k, stream); break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ddpm_fast::check_launch("scheduler_step", cudaGetLastError());
   return {prev, x0};
 }
 
