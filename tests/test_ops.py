@@ -301,3 +301,17 @@ def test_other_kernel_builds_in_subprocess(env):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ("DEFAULT" if "DDPM_FAST_CPU_ISA" in env else "composite")
+
+
+def test_attention_wrapper_routes_short_cpu_sequences_to_sdpa():
+    """Below CPU_ATTENTION_MIN_KEYS keys the wrapper uses PyTorch's SDPA (faster there); above, the native op."""
+    g = torch.Generator().manual_seed(5)
+    for s in (ops.CPU_ATTENTION_MIN_KEYS - 1, ops.CPU_ATTENTION_MIN_KEYS + 3):
+        q, k, v = (torch.randn(2, 3, s, 40, generator=g) for _ in range(3))
+        with torch.inference_mode():
+            out = ops.attention(q, k, v)
+            sdpa = F.scaled_dot_product_attention(q, k, v)
+            native = torch.ops.ddpm_fast.attention.default(q, k, v, None) if ops.native_available() else sdpa
+        expected = sdpa if s < ops.CPU_ATTENTION_MIN_KEYS else native
+        assert torch.equal(out, expected)
+        torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=1e-5)

@@ -95,9 +95,11 @@ def group_norm_silu(
 
     Statistics are computed in float32 (stable for ``|mean| >> std``); the output has ``x``'s dtype.
     """
-    out = _group_norm_silu_cpu_fast(x, num_groups, weight, bias, eps, temb, silu)
-    if out is not None:
-        return out
+    if _plain_cpu_inference(x, weight, bias, temb) and type(num_groups) is int and type(silu) is bool:
+        try:  # the op checks its arguments itself; on any error the checks below name the culprit
+            return torch.ops.ddpm_fast.group_norm_silu.default(x, num_groups, weight, bias, eps, temb, silu)
+        except (RuntimeError, TypeError, ValueError):
+            pass
     _check_tensor("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
@@ -128,31 +130,17 @@ def group_norm_silu(
     return _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu)
 
 
-def _group_norm_silu_cpu_fast(x, num_groups, weight, bias, eps, temb, silu):
-    """The native CPU op without the Python checks (~7 us, 10 % of a batch-1 call), or None.
-
-    Only for plain CPU inference calls: the op validates every argument itself, and on any error the caller
-    falls through to the checks above, which raise the argument-naming TypeError / ValueError. CUDA always
-    takes those checks first.
-    """
-    if (
-        type(x) is not torch.Tensor
-        or not x.is_cpu
-        or x.dtype not in _FLOAT_DTYPES
-        or type(num_groups) is not int
-        or type(silu) is not bool
-        or not _native.available()
-    ):
-        return None
-    for t in (weight, bias, temb):
+def _plain_cpu_inference(x: object, *others: object) -> bool:
+    """Whether a call can go straight to the native CPU op, skipping the Python checks (~5-10 us, a tenth of
+    a batch-1 GroupNorm): every tensor a plain CPU float tensor, no autograd, extension loaded. The native op
+    checks its arguments itself; callers catch its error and run the Python checks, which raise the
+    argument-naming TypeError / ValueError. CUDA calls always take the Python checks first."""
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in _FLOAT_DTYPES or not _native.available():
+        return False
+    for t in others:
         if t is not None and (type(t) is not torch.Tensor or not t.is_cpu):
-            return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, temb)):
-        return None
-    try:
-        return torch.ops.ddpm_fast.group_norm_silu.default(x, num_groups, weight, bias, eps, temb, silu)
-    except (RuntimeError, TypeError, ValueError):
-        return None
+            return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad for t in others))
 
 
 def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
@@ -171,6 +159,9 @@ def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
 
 
 CUDA_ATTENTION_MAX_HEAD_DIM = 512
+# Below this many keys the CPU kernel's two GEMM calls per (batch, head, query block) cost more than they
+# save, and PyTorch's SDPA is as fast or faster (bench/bench_kernels.py: 0.64x at (16, 1, 16, 256)).
+CPU_ATTENTION_MIN_KEYS = 128
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -184,6 +175,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
     Returns a contiguous ``(B, H, L, Dv)`` (or ``(B, L, Dv)``) tensor; accumulation is in float32.
     """
+    short = type(k) is torch.Tensor and k.dim() >= 2 and k.shape[-2] < CPU_ATTENTION_MIN_KEYS
+    if not short and _plain_cpu_inference(q, k, v) and (scale is None or type(scale) is float):
+        try:  # the op checks its arguments itself; on any error the checks below name the culprit
+            return torch.ops.ddpm_fast.attention.default(q, k, v, scale)
+        except (RuntimeError, TypeError, ValueError):
+            pass
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
     _check_like("k", k, "q", q)
@@ -207,6 +204,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     # The CUDA kernel keeps a query row's accumulator in registers, so it stops at head dim 512 (the
     # widest google checkpoint); wider heads go to PyTorch's SDPA.
     fits = not q.is_cuda or max(q.shape[-1], v.shape[-1]) <= CUDA_ATTENTION_MAX_HEAD_DIM
+    if q.device.type == "cpu" and k.shape[-2] < CPU_ATTENTION_MIN_KEYS:
+        fits = False
     if ops is not None and fits and _covers(q, k, v):
         return ops.attention.default(q, k, v, None if scale is None else float(scale))
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
