@@ -175,11 +175,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
     Returns a contiguous ``(B, H, L, Dv)`` (or ``(B, L, Dv)``) tensor; accumulation is in float32.
     """
-    short = type(k) is torch.Tensor and k.dim() >= 2 and k.shape[-2] < CPU_ATTENTION_MIN_KEYS
-    if not short and _plain_cpu_inference(q, k, v) and (scale is None or type(scale) is float):
+    if _plain_cpu_inference(q, k, v) and (scale is None or type(scale) is float):
         try:  # the op checks its arguments itself; on any error the checks below name the culprit
-            return torch.ops.ddpm_fast.attention.default(q, k, v, scale)
-        except (RuntimeError, TypeError, ValueError):
+            if k.shape[-2] >= CPU_ATTENTION_MIN_KEYS:
+                return torch.ops.ddpm_fast.attention.default(q, k, v, scale)
+            # SDPA would broadcast leading dims and mix dtypes; only hand it what the checks below accept.
+            if q.dim() in (3, 4) and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.dtype == k.dtype == v.dtype:
+                if q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2] > 0:
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        except (RuntimeError, TypeError, ValueError, IndexError):
             pass
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
