@@ -134,8 +134,8 @@ def _parse_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    """``ddpm-fast sample``, alone or as one rank of a torchrun job (see docs/distributed.md)."""
+def _run_distributed(args: argparse.Namespace, job) -> int:
+    """Thread count, then ``job(dist)`` inside this process's (possibly single-rank) process group."""
     import torch
 
     from .distributed import init_distributed
@@ -147,9 +147,14 @@ def run_sample(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     try:
-        return _sample(args, dist)
+        return job(dist)
     finally:
         dist.close()
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """``ddpm-fast sample``, alone or as one rank of a torchrun job (see docs/distributed.md)."""
+    return _run_distributed(args, lambda dist: _sample(args, dist))
 
 
 def _sample(args: argparse.Namespace, dist) -> int:
@@ -271,21 +276,9 @@ class _nullcontext:
 
 def run_train(args: argparse.Namespace) -> int:
     """``ddpm-fast train``, alone or as one rank of a torchrun job (DistributedDataParallel)."""
-    from .distributed import init_distributed
     from .training import TrainConfig, train
 
-    if args.num_threads:
-        import torch
-
-        torch.set_num_threads(args.num_threads)
-    try:
-        dist = init_distributed(args.device, args.dist_timeout)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    try:
-        return _train(args, dist, TrainConfig, train)
-    finally:
-        dist.close()
+    return _run_distributed(args, lambda dist: _train(args, dist, TrainConfig, train))
 
 
 def _train(args: argparse.Namespace, dist, TrainConfig, train) -> int:

@@ -89,8 +89,8 @@ def downsample_2d(hidden_states: torch.Tensor, kernel=FIR_KERNEL, factor: int = 
     return upfirdn2d(hidden_states, k, down=factor, pad=((p + 1) // 2, p // 2))
 
 
-class FirUpsample2D(nn.Module):
-    """FIR upsampling, optionally fused with a 3x3 convolution (``Conv2d_0``)."""
+class _FirResample2D(nn.Module):
+    """Shared constructor of the FIR resamplers (same attribute names as diffusers, for checkpoints)."""
 
     def __init__(self, channels: int | None = None, out_channels: int | None = None, use_conv: bool = False,
                  fir_kernel=FIR_KERNEL):
@@ -101,6 +101,10 @@ class FirUpsample2D(nn.Module):
         self.use_conv = use_conv
         self.fir_kernel = fir_kernel
         self.out_channels = out_channels
+
+
+class FirUpsample2D(_FirResample2D):
+    """FIR upsampling, optionally fused with a 3x3 convolution (``Conv2d_0``)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.use_conv:
@@ -120,18 +124,8 @@ class FirUpsample2D(nn.Module):
         return x + self.Conv2d_0.bias.reshape(1, -1, 1, 1)
 
 
-class FirDownsample2D(nn.Module):
+class FirDownsample2D(_FirResample2D):
     """FIR downsampling, optionally fused with a 3x3 convolution (``Conv2d_0``)."""
-
-    def __init__(self, channels: int | None = None, out_channels: int | None = None, use_conv: bool = False,
-                 fir_kernel=FIR_KERNEL):
-        super().__init__()
-        out_channels = out_channels if out_channels else channels
-        if use_conv:
-            self.Conv2d_0 = Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.fir_kernel = fir_kernel
-        self.use_conv = use_conv
-        self.out_channels = out_channels
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.use_conv:
