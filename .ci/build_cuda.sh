@@ -100,4 +100,9 @@ nm -D --undefined-only "$so" | awk '$1 == "U" {print $2}' | sed 's/@.*//' | sort
 unresolved=$(comm -23 "$build.undefined.txt" "$build.defined.txt" | grep -v -E '^(_?Py|_Py|__gmon_start__|_ITM_|__cxa_finalize|_Jv_)' || true)
 [ -z "$unresolved" ] || fail "symbols not exported by any linked library: $(echo "$unresolved" | head -20 | c++filt | tr '\n' ' ')"
 
-echo "build_cuda: OK: $(basename "$so") compiled and linked with $ncu CUDA sources for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST against torch 2.14.1+cu$torch_cuda in $(( $(date +%s) - start )) s (not run: no GPU here)"
+# 4. The CUDA glue runs here up to its argument checks: each op's CUDA kernel, handed CPU tensors, must raise a
+#    RuntimeError naming the argument (an exception thrown from the glue must not crash the process).
+"$venv/bin/python" "$repo/.ci/cuda_glue_errors.py" "$so" \
+  || fail "calling the CUDA kernels' argument checks"
+
+echo "build_cuda: OK: $(basename "$so") compiled and linked with $ncu CUDA sources for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST against torch 2.14.1+cu$torch_cuda in $(( $(date +%s) - start )) s (kernels not run: no GPU here)"
