@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..utils.torch_utils import weight_version
 from .resnet import fused_path_allowed, make_group_norm
 
 
@@ -99,7 +100,7 @@ class Attention(nn.Module):
 
     def _packed_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         layers = (self.to_q, self.to_k, self.to_v)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for layer in layers
+        key = tuple((t.data_ptr(), weight_version(t), t.dtype, t.device) for layer in layers
                     for t in (layer.weight, layer.bias) if t is not None)
         if key != getattr(self, "_qkv_key", None) or self._qkv is None:
             with torch.no_grad():

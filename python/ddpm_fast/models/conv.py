@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend import use_fused
+from ..utils.torch_utils import weight_version
 
 __all__ = ["Conv2d", "mkldnn_conv_supported", "packed_conv_stats"]
 
@@ -181,7 +182,7 @@ class Conv2d(nn.Conv2d):
             return None
         if w.is_contiguous(memory_format=torch.channels_last):
             return w
-        key = ("cuda", w.data_ptr(), w._version, w.dtype, w.device)
+        key = ("cuda", w.data_ptr(), weight_version(w), w.dtype, w.device)
         if key != self._packed_key or self._packed is None:
             self._packed = (w.detach().contiguous(memory_format=torch.channels_last), None)
             self._packed_key = key
@@ -191,8 +192,8 @@ class Conv2d(nn.Conv2d):
     def _weights_for(self, x: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.weight, self.bias
         key = (
-            w.data_ptr(), w._version, w.dtype, compute, tuple(x.shape),
-            None if b is None else (b.data_ptr(), b._version),
+            w.data_ptr(), weight_version(w), w.dtype, compute, tuple(x.shape),
+            None if b is None else (b.data_ptr(), weight_version(b)),
         )
         if key != self._packed_key or self._packed is None:
             self._packed = None  # free the old pack before building the new one
