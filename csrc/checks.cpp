@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace ddpm_fast {
 namespace {
 
@@ -97,6 +99,31 @@ void check_scheduler_step(const at::Tensor& model_output, const at::Tensor& samp
                 sample.sizes());
   }
   TORCH_CHECK(!clip_range.has_value() || *clip_range >= 0.0, op, ": clip_range must be >= 0, got ", *clip_range);
+}
+
+void check_conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, double output_scale, c10::DeviceType device) {
+  constexpr const char* op = "conv3x3_winograd";
+  check_main(op, "x", x, device);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x has dtype ", x.scalar_type(), "; only float32 is supported");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  check_like(op, "weight", weight, "x", x);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == 16 && weight.size(1) == x.size(1), op,
+              ": weight must be the (16, C_in=", x.size(1), ", C_out) Winograd transform, got shape ", weight.sizes());
+  const int64_t O = weight.size(2);
+  if (bias.has_value()) {
+    check_like(op, "bias", *bias, "x", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, "), got ", bias->sizes());
+  }
+  if (residual.has_value()) {
+    check_like(op, "residual", *residual, "x", x);
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == O &&
+                    residual->size(2) == x.size(2) && residual->size(3) == x.size(3),
+                op, ": residual must have the output's shape (", x.size(0), ", ", O, ", ", x.size(2), ", ", x.size(3),
+                "), got ", residual->sizes());
+  }
+  TORCH_CHECK(std::isfinite(output_scale) && output_scale != 0.0, op, ": output_scale must be finite and nonzero, got ",
+              output_scale);
 }
 
 void fail(const std::string& message) { TORCH_CHECK(false, message); }

@@ -228,8 +228,11 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     with torch.no_grad():
         y = ours(x, 10).sample
     stats = packed_conv_stats()
-    # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__
-    assert stats["packed_calls"] == 65 and stats["fallback_calls"] == 0 and len(seen) == 65 - 22
+    # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
+    # The 47 3x3 stride-1 ones with >= 64 channels (44 in resnets, 3 upsamplers) run as Winograd.
+    winograd = 47 if ddpm_fast.ops.native_available() else 0
+    assert stats["winograd_calls"] == winograd and stats["packed_calls"] == 65 - winograd
+    assert stats["fallback_calls"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
     assert y.is_contiguous()  # output in the input's memory format
@@ -237,6 +240,15 @@ def test_unet_runs_every_conv_packed_and_channels_last():
         y_cl = ours(x.contiguous(memory_format=CL), 10).sample
     assert y_cl.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y_cl, y)
+    conv_mod.enable_winograd(False)
+    try:
+        packed_conv_stats(reset=True)
+        with torch.no_grad():
+            y_packed = ours(x, 10).sample
+        assert packed_conv_stats()["packed_calls"] == 65
+    finally:
+        conv_mod.enable_winograd(True)
+    torch.testing.assert_close(y_packed, y, rtol=0, atol=2e-5)
 
 
 def test_fused_unet_matches_reference_backend_and_diffusers():

@@ -287,6 +287,9 @@ ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
 assert (ops.attention(q, k, v).double() - ref).abs().max() < 1e-5
 p, x0 = ops.scheduler_step(x, x, x, (1.0, 0.5), (0.5, 0.25, 0.125), 0.5, 1.0)
 assert (x0 - (1.5 * x).clamp(-1, 1)).abs().max() < 1e-6
+w = torch.randn(11, 24, 3, 3) / 15
+ref = F.conv2d(x.double(), w.double(), padding=1)
+assert (ops.conv3x3_winograd(x, ops.winograd_weight(w)).double() - ref).abs().max() < 1e-5
 print(_native.cpu_isa() if _native.available() else "composite")
 """
 
@@ -315,3 +318,93 @@ def test_attention_wrapper_routes_short_cpu_sequences_to_sdpa():
         expected = sdpa if s < ops.CPU_ATTENTION_MIN_KEYS else native
         assert torch.equal(out, expected)
         torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- winograd conv
+
+WINO_SHAPES = [(1, 8, 16, 7, 5), (2, 13, 9, 1, 1), (3, 24, 40, 6, 9), (1, 3, 8, 2, 3), (2, 64, 64, 16, 16),
+               (1, 9, 17, 33, 2)]
+
+
+def _wino_case(shape, seed):
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(o, c, 3, 3, generator=g) / (9 * c) ** 0.5
+    return x, weight, torch.randn(o, generator=g), torch.randn(n, o, h, w, generator=g)
+
+
+@pytest.mark.parametrize("shape", WINO_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+def test_conv3x3_winograd_matches_float64_conv(shape, fmt):
+    """The native kernel and the PyTorch composite of the same algorithm against F.conv2d in float64, with and
+    without bias / residual / SiLU / output scale; within 2x the direct fp32 convolution's own error + 1e-6."""
+    x, w, b, r = _wino_case(shape, hash((shape, fmt)) % 2**31)
+    x = _layout(x, fmt)
+    u = ops.winograd_weight(w)
+    for bias, res, silu, scale in ((None, None, False, 1.0), (b, r, True, 2.0), (b, None, False, 0.5)):
+        ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
+        direct = F.conv2d(x, w, bias, padding=1)
+        if res is not None:
+            ref, direct = ref + res.double(), direct + res
+        if silu:
+            ref, direct = F.silu(ref), F.silu(direct)
+        ref, direct = ref / scale, direct / scale
+        with torch.inference_mode():
+            out = ops.conv3x3_winograd(x, u, bias, residual=res, silu=silu, output_scale=scale)
+        composite = ops._conv3x3_winograd_composite(x, u, bias, res, silu, scale)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        bound = 2 * _err(direct, ref) + 1e-6
+        assert _err(out, ref) <= bound and _err(composite, ref) <= bound, (_err(out, ref), _err(composite, ref), bound)
+
+
+def test_winograd_weight_is_g_g_gt():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    g = torch.tensor(ops._WINOGRAD_G, dtype=torch.float64)
+    u = ops.winograd_weight(w)
+    assert u.shape == (16, 3, 5) and u.dtype == torch.float32
+    for o, c in ((0, 0), (4, 2)):
+        torch.testing.assert_close(u[:, c, o].double().reshape(4, 4), g @ w[o, c] @ g.T, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="3, 3"):
+        ops.winograd_weight(torch.randn(4, 4, 5, 5))
+
+
+def test_conv3x3_winograd_composite_has_gradients():
+    x, w, b, r = _wino_case((1, 4, 6, 5, 5), 3)
+    x.requires_grad_(True)
+    u = ops.winograd_weight(w)
+    y = ops.conv3x3_winograd(x, u, b, residual=r, silu=True)
+    assert y.grad_fn is not None
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().requires_grad_(True)
+    (gref,) = torch.autograd.grad(F.silu(F.conv2d(x2, w, b, padding=1) + r).sum(), x2)
+    torch.testing.assert_close(gx, gref, rtol=1e-4, atol=1e-5)
+
+
+@native
+def test_conv3x3_winograd_opcheck_compile_and_bad_inputs():
+    x, w, b, r = _wino_case((2, 16, 8, 5, 7), 4)
+    u = ops.winograd_weight(w)
+    op = torch.ops.ddpm_fast.conv3x3_winograd.default
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(op, (xx, u, b, r, True, 2.0))
+        torch.library.opcheck(op, (xx, u, None, None, False, 1.0))
+    torch._dynamo.reset()
+    fn = lambda x, r: ops.conv3x3_winograd(x, u, b, residual=r, silu=True) + 1  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, r), fn(x, r))
+    cases = [
+        (lambda: ops.conv3x3_winograd(x, u[:, :5]), ValueError, "winograd_weight"),
+        (lambda: op(x, u[:, :5], None, None, False, 1.0), RuntimeError, "weight must be"),
+        (lambda: ops.conv3x3_winograd(x.double(), u), ValueError, "float32"),
+        (lambda: op(x.double(), u, None, None, False, 1.0), RuntimeError, "float32"),
+        (lambda: ops.conv3x3_winograd(x, u, b[:3]), ValueError, "bias"),
+        (lambda: op(x, u, None, r[:, :, :2], False, 1.0), RuntimeError, "residual"),
+        (lambda: ops.conv3x3_winograd(x, u, output_scale=0.0), ValueError, "output_scale"),
+        (lambda: op(x, u, None, None, False, 0.0), RuntimeError, "output_scale"),
+        (lambda: ops.conv3x3_winograd(x[0], u), ValueError, "4-D"),
+    ]
+    for fn_, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            fn_()
+    with pytest.raises(ValueError, match="device"):
+        ops.conv3x3_winograd(x, u, torch.randn(8, device="meta"))

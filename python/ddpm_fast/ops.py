@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _native
 
-__all__ = ["group_norm_silu", "attention", "scheduler_step", "native_available"]
+__all__ = ["group_norm_silu", "attention", "scheduler_step", "conv3x3_winograd", "winograd_weight", "native_available"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned = False
@@ -268,6 +268,99 @@ def scheduler_step(
 
 
 # --------------------------------------------------------------------------------------------------------
+# 3x3 convolution by Winograd F(2x2, 3x3)
+
+# Lavin & Gray's F(2x2, 3x3) matrices: V = B^T d B (4x4 input patch), U = G g G^T (3x3 filter), Y = A^T M A.
+_WINOGRAD_BT = ((1.0, 0.0, -1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (0.0, -1.0, 1.0, 0.0), (0.0, 1.0, 0.0, -1.0))
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_AT = ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0))
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(16, C_in, C_out)`` float32 transform ``G g G^T`` of a ``(C_out, C_in, 3, 3)`` convolution weight,
+    computed in float64, as :func:`conv3x3_winograd` takes it (prepare it once per weight)."""
+    _check_tensor("weight", weight)
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be (C_out, C_in, 3, 3), got shape {tuple(weight.shape)}")
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ia,ocab,jb->ijco", g, weight.detach().to(torch.float64), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+
+
+def conv3x3_winograd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    silu: bool = False,
+    output_scale: float = 1.0,
+) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, padding=1)`` (3x3, stride 1) by Winograd F(2x2, 3x3), then ``+ residual``, then SiLU,
+    then ``/ output_scale``, in one call.
+
+    Args:
+        x: ``(N, C_in, H, W)`` float32, any memory format (channels_last avoids a copy).
+        weight: ``winograd_weight(w)`` of the ``(C_out, C_in, 3, 3)`` weight ``w``.
+        bias: optional ``(C_out,)``.
+        residual: optional ``(N, C_out, H, W)`` added before the SiLU.
+
+    Returns a channels_last ``(N, C_out, H, W)`` float32 tensor. 2.25x fewer multiplies than the direct
+    convolution; the result differs from it by float rounding (about 1e-6 relative).
+    """
+    if _plain_cpu_inference(x, weight, bias, residual) and type(silu) is bool:
+        try:  # the op checks its arguments itself; on any error the checks below name the culprit
+            return torch.ops.ddpm_fast.conv3x3_winograd.default(x, weight, bias, residual, silu, float(output_scale))
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    if weight.dim() != 3 or weight.shape[0] != 16 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight must be the (16, C_in={x.shape[1]}, C_out) output of winograd_weight, got {tuple(weight.shape)}"
+        )
+    _check_like("weight", weight, "x", x)
+    out_shape = (x.shape[0], weight.shape[2], x.shape[2], x.shape[3])
+    for name, t, shape in (("bias", bias, (weight.shape[2],)), ("residual", residual, out_shape)):
+        _check_tensor(name, t, optional=True)
+        if t is not None:
+            _check_like(name, t, "x", x)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not (math.isfinite(output_scale) and output_scale != 0):
+        raise ValueError(f"output_scale must be finite and nonzero, got {output_scale}")
+    ops = _native_ops()
+    if ops is not None and x.device.type == "cpu" and _covers(x, weight, bias, residual):
+        return ops.conv3x3_winograd.default(x, weight, bias, residual, bool(silu), float(output_scale))
+    return _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale)
+
+
+def _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale):
+    """The same algorithm in PyTorch ops (any device, autograd): the reference the kernel is tested against."""
+    n, c, h, w = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    d = F.pad(x, (1, 2 * tw + 1 - w, 1, 2 * th + 1 - h)).unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, th, tw, 4, 4)
+    bt = torch.tensor(_WINOGRAD_BT, dtype=x.dtype, device=x.device)
+    at = torch.tensor(_WINOGRAD_AT, dtype=x.dtype, device=x.device)
+    v = torch.einsum("ia,nchwab,jb->ijnhwc", bt, d, bt).reshape(16, n * th * tw, c)
+    m = torch.bmm(v, weight).reshape(4, 4, n, th, tw, -1)
+    y = torch.einsum("ia,abnhwo,jb->nohiwj", at, m, at).reshape(n, -1, 2 * th, 2 * tw)[:, :, :h, :w]
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    if silu:
+        y = F.silu(y)
+    if output_scale != 1.0:
+        y = y / output_scale
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Fake kernels: output metadata exactly as the native kernels produce it.
 
 
@@ -280,6 +373,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ddpm_fast::attention")
     def _(q, k, v, scale):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    @torch.library.register_fake("ddpm_fast::conv3x3_winograd")
+    def _(x, weight, bias, residual, silu, output_scale):
+        return x.new_empty((x.shape[0], weight.shape[2], x.shape[2], x.shape[3])).contiguous(
+            memory_format=torch.channels_last
+        )
 
     @torch.library.register_fake("ddpm_fast::scheduler_step")
     def _(model_output, sample, noise, a_x, a_e, c0, c1, c2, noise_scale, clip_range):
