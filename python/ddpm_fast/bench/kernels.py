@@ -1,9 +1,9 @@
 """Kernel microbenchmarks: each native op against the PyTorch ops it replaces, side by side in one run.
 
-For GroupNorm+SiLU (with and without the time-embedding add), attention and the scheduler step, at the
-shapes of the cifar10-32 and 256-px google/ddpm UNets, batch 1 and 16: the median PyTorch time, the median
-fused time, the speedup, and the fused op's effective bandwidth next to a copy bandwidth measured in the
-same run. The two sides are timed in interleaved rounds so machine noise hits both alike.
+For GroupNorm+SiLU (with and without the time-embedding add), attention, the Winograd 3x3 convolution and
+the scheduler step, at the shapes of the cifar10-32 and 256-px google/ddpm UNets, batch 1 and 16: the median
+PyTorch time, the median fused time, the speedup, and the fused op's effective bandwidth next to a copy
+bandwidth measured in the same run. The two sides are timed in interleaved rounds so machine noise hits both alike.
 
     python -m ddpm_fast.bench kernels [--json PATH] [--quick] [--dtype float32] [--rounds 7] [--threads N]
 """
@@ -31,6 +31,10 @@ GN_QUICK = [(1, 256, 16, 16), (1, 128, 32, 32), (16, 128, 32, 32)]
 # (B, H, S, D): head_dim = channels, one head; S = 16x16 (both models) and 8x8 / 4x4 mid blocks.
 ATTN_SHAPES = [(1, 1, 256, 256), (1, 1, 256, 512), (16, 1, 256, 256), (16, 1, 256, 512), (1, 1, 64, 256), (1, 1, 1024, 512)]
 ATTN_QUICK = [(1, 1, 256, 256), (1, 1, 256, 512)]
+# (N, C_in, C_out, H): the 3x3 stride-1 convolutions that take the Winograd path in both UNets.
+CONV_SHAPES = [(1, 128, 128, 32), (1, 256, 256, 16), (1, 512, 256, 16), (1, 384, 128, 32), (16, 128, 128, 32),
+               (1, 128, 128, 256), (1, 256, 256, 64)]
+CONV_QUICK = [(1, 128, 128, 32), (1, 256, 256, 16)]
 STEP_SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (1, 3, 256, 256), (16, 3, 256, 256)]
 STEP_QUICK = [(1, 3, 32, 32)]
 
@@ -114,6 +118,42 @@ def bench_attention(shapes, dtype, rounds) -> list[dict]:
     return rows
 
 
+def bench_conv3x3(shapes, dtype, rounds) -> list[dict]:
+    """Winograd F(2x2, 3x3) against F.conv2d (what diffusers runs) and against the same convolution on the
+    packed oneDNN path (ddpm_fast's own alternative), fp32 channels_last, bias and residual folded in."""
+    from ..models.conv import Conv2d
+
+    rows = []
+    if dtype != torch.float32:
+        return rows  # the Winograd op is fp32 only
+    for n, c, o, h in shapes:
+        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
+        res = torch.randn(n, o, h, h).contiguous(memory_format=torch.channels_last)
+        conv = Conv2d(c, o, 3, padding=1).eval()
+        with torch.no_grad():
+            w, b = conv.weight.detach(), conv.bias.detach()
+            u = ops.winograd_weight(w)
+            packed = _packed_only(conv)
+            t = _time_pair({
+                "torch": lambda: F.conv2d(x, w, b, padding=1) + res,
+                "packed": lambda: packed.forward_fused(x, res),
+                "fused": lambda: ops.conv3x3_winograd(x, u, b, residual=res),
+            }, rounds)
+        row = _row("conv3x3_winograd", (n, c, o, h, h), {"layout": "+residual"}, t["torch"], t["fused"],
+                   (x.numel() + 2 * res.numel()) * 4, "F.conv2d(x, w, b, padding=1) + residual")
+        row["packed_ms"] = t["packed"] * 1e3
+        row["speedup_vs_packed"] = t["packed"] / t["fused"]
+        row["fused_equiv_GFLOPs"] = 2 * n * c * o * 9 * h * h / t["fused"] / 1e9
+        rows.append(row)
+    return rows
+
+
+def _packed_only(conv):
+    """The layer with the Winograd route switched off for it alone (its packed oneDNN path)."""
+    conv._winograd_failed = True
+    return conv
+
+
 def bench_scheduler_step(shapes, dtype, rounds) -> list[dict]:
     rows = []
     try:
@@ -165,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="only the shapes with speed targets")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (medians are reported)")
-    p.add_argument("--ops", default="group_norm_silu,attention,scheduler_step", help="comma-separated subset")
+    p.add_argument("--ops", default="group_norm_silu,attention,conv3x3_winograd,scheduler_step",
+                   help="comma-separated subset")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
     args = p.parse_args(argv)
     if args.threads > 0:
@@ -183,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     benches = [
         ("group_norm_silu", bench_group_norm, GN_QUICK if args.quick else GN_SHAPES),
         ("attention", bench_attention, ATTN_QUICK if args.quick else ATTN_SHAPES),
+        ("conv3x3_winograd", bench_conv3x3, CONV_QUICK if args.quick else CONV_SHAPES),
         ("scheduler_step", bench_scheduler_step, STEP_QUICK if args.quick else STEP_SHAPES),
     ]
     print(f"{'op':16} {'shape':20} {'variant':24} {'torch ms':>9} {'fused ms':>9} {'speedup':>8} {'GB/s':>7} {'% copy':>6}")
@@ -195,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['op']:16} {'x'.join(map(str, row['shape'])):20} {variant:24} {row['torch_ms']:9.3f} "
                   f"{row['fused_ms']:9.3f} {row['speedup']:7.2f}x {row['fused_GBps']:7.1f} "
                   f"{100 * row['fused_GBps'] / bw:5.0f}%", flush=True)
+            if row["op"] == "conv3x3_winograd":
+                print(f"{'':16} {'':20} {'':24} packed oneDNN {row['packed_ms']:.3f} ms: Winograd is "
+                      f"{row['speedup_vs_packed']:.2f}x that, {row['fused_equiv_GFLOPs']:.0f} direct-GFLOP/s")
             if row["op"] == "scheduler_step":
                 print(f"{'':16} {'':20} {'(baseline: ' + row['baseline'] + ')':24} op alone {row['op_ms']:.4f} ms "
                       f"= {row['speedup_op_vs_baseline']:.2f}x; PyTorch composite {row['torch_composite_ms']:.4f} ms")
