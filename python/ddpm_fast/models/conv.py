@@ -10,6 +10,10 @@ Those are internal PyTorch ops (the ones torch.compile's CPU backend emits): eac
 ``F.conv2d`` on a tiny problem the first time it is needed, and any failure, now or later, falls back to
 ``F.conv2d`` for good, with one warning.  Parameters and state-dict keys are those of ``nn.Conv2d``.
 
+fp32 3x3 stride-1 convolutions with enough channels and pixels take a third path: Winograd F(2x2, 3x3)
+(``ddpm_fast.ops.conv3x3_winograd``, 2.25x fewer multiplies), with the transformed weight cached the same
+way; a failure there sends the layer to the packed path for good, with one warning.
+
 On a CPU without native bf16/fp16 convolutions in oneDNN (no AVX512-BF16 / AVX512-FP16 or AVX-NE-CONVERT)
 a bf16/fp16 convolution computes in fp32 on oneDNN and rounds the result back: PyTorch's own bf16 path
 there is several times slower than fp32.
@@ -42,7 +46,8 @@ _STATS = {"packed_calls": 0, "winograd_calls": 0, "fallback_calls": 0, "packs": 
 
 # 3x3 / stride-1 convolutions with at least this many input and output channels run as Winograd F(2x2, 3x3)
 # (ddpm_fast.ops.conv3x3_winograd): 1.3-1.8x faster than the packed oneDNN call at the UNets' shapes on an
-# AVX2 CPU (bench/bench_kernels.py --ops conv); the 3-channel input/output convolutions lose and stay packed.
+# AVX2 CPU (python -m ddpm_fast.bench kernels --ops conv3x3_winograd); the 3-channel input/output
+# convolutions lose and stay packed.
 WINOGRAD_MIN_CHANNELS = 64
 # ... and at least this many 2x2 output tiles (N * ceil(H/2) * ceil(W/2)): below, the 16 GEMMs are too thin
 # and the transformed weight (16/9 the size of the original) makes them weight-bandwidth bound, e.g. at
