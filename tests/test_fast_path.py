@@ -229,8 +229,10 @@ def test_unet_runs_every_conv_packed_and_channels_last():
         y = ours(x, 10).sample
     stats = packed_conv_stats()
     # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
-    # The 47 3x3 stride-1 ones with >= 64 channels (44 in resnets, 3 upsamplers) run as Winograd.
-    winograd = 47 if ddpm_fast.ops.native_available() else 0
+    # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers). At batch 1 only the 22 at 32x32
+    # and 16x16 have the WINOGRAD_MIN_TILES (64) 2x2 tiles: 8 down-block, 12 up-block resnet convs, 2 upsamplers.
+    assert conv_mod.WINOGRAD_MIN_TILES == 64
+    winograd = 22 if ddpm_fast.ops.native_available() else 0
     assert stats["winograd_calls"] == winograd and stats["packed_calls"] == 65 - winograd
     assert stats["fallback_calls"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
@@ -249,6 +251,21 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     finally:
         conv_mod.enable_winograd(True)
     torch.testing.assert_close(y_packed, y, rtol=0, atol=2e-5)
+
+
+def test_unet_batch16_runs_all_eligible_convs_as_winograd():
+    if not (conv_mod.mkldnn_conv_supported(torch.float32) and ddpm_fast.ops.native_available()):
+        pytest.skip("needs packed oneDNN convolutions and the native kernels")
+    ref, ours = _pair(CIFAR10_32)
+    x = torch.randn(16, 3, 32, 32)
+    packed_conv_stats(reset=True)
+    with torch.no_grad():
+        y = ours(x, 10).sample
+        expected = ref(x, 10).sample
+    stats = packed_conv_stats()
+    # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 tiles: all 47 eligible convolutions run as Winograd
+    assert stats["winograd_calls"] == 47 and stats["packed_calls"] == 18 and stats["fallback_calls"] == 0
+    torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 
 
 def test_fused_unet_matches_reference_backend_and_diffusers():
