@@ -108,8 +108,9 @@ void check_conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x has dtype ", x.scalar_type(), "; only float32 is supported");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
   check_like(op, "weight", weight, "x", x);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == 16 && weight.size(1) == x.size(1), op,
-              ": weight must be the (16, C_in=", x.size(1), ", C_out) Winograd transform, got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 3 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(1) == x.size(1), op,
+              ": weight must be the (16 or 36, C_in=", x.size(1), ", C_out) Winograd transform, got shape ",
+              weight.sizes());
   const int64_t O = weight.size(2);
   if (bias.has_value()) {
     check_like(op, "bias", *bias, "x", x);

@@ -26,8 +26,8 @@ void check_scheduler_step(const at::Tensor& model_output, const at::Tensor& samp
                           const std::optional<at::Tensor>& noise, std::optional<double> clip_range,
                           c10::DeviceType device);
 
-// conv3x3_winograd: x (N, C, H, W) float32 on `device`; weight (16, C, O), bias (O), residual (N, O, H, W), all
-// float32 on x's device; output_scale finite and nonzero.
+// conv3x3_winograd: x (N, C, H, W) float32 on `device`; weight (16 or 36, C, O) for F(2x2) / F(4x4),
+// bias (O), residual (N, O, H, W), all float32 on x's device; output_scale finite and nonzero.
 void check_conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, double output_scale, c10::DeviceType device);
 

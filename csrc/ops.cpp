@@ -12,8 +12,8 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, float? scale) -> Tensor");
   // x0 = a_x*sample + a_e*model_output (clamped to +-clip_range when given);
   // prev = c0*x0 + c1*sample + c2*model_output + noise_scale*noise.  Returns (prev, x0).
-  // 3x3 / stride 1 / padding 1 convolution by Winograd F(2x2, 3x3); weight is (16, C_in, C_out) from
-  // ddpm_fast.ops.winograd_weight. y = conv(x) + bias (+ residual), then SiLU, then / output_scale.
+  // 3x3 / stride 1 / padding 1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3); weight is (16 or 36, C_in,
+  // C_out) from ddpm_fast.ops.winograd_weight. y = conv(x) + bias (+ residual), then SiLU, then / output_scale.
   m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool silu, float output_scale) -> Tensor");
   m.def("scheduler_step(Tensor model_output, Tensor sample, Tensor? noise, float a_x, float a_e, float c0, float c1, float c2, float noise_scale, float? clip_range) -> (Tensor, Tensor)");
 }

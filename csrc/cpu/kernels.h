@@ -31,14 +31,15 @@ struct Kernels {
                      const float* b, bool silu);
   // In place, for `rows` rows of n scores (row stride ld): s = softmax(scale * s) along the row.
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
-  // Winograd F(2x2, 3x3), fp32 channels-last (N, H, W, C) images cut into tiles_h x tiles_w tiles of 2x2
-  // outputs per image; tiles [t0, t1) go to / come from rows 0.. of 16 planes with leading dim ldv / ldm.
+  // Winograd F(tile x tile, 3x3), tile 2 or 4, fp32 channels-last (N, H, W, C) images cut into
+  // tiles_h x tiles_w tiles of tile x tile outputs per image; tiles [t0, t1) go to / come from rows 0.. of
+  // (tile + 2)^2 planes with leading dim ldv / ldm.
   void (*winograd_input)(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv);
+                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);
   // y = A^T m A + bias (+ residual at the same NHWC place), then SiLU, then * inv_scale; y is (N, H, W, O).
   void (*winograd_output)(const float* M, float* y, const float* bias, const float* residual, int64_t H, int64_t W,
                           int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldm,
-                          bool silu, float inv_scale);
+                          bool silu, float inv_scale, int tile);
 };
 
 #define DDPM_FAST_DECLARE_ISA(NS) \

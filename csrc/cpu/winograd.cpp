@@ -1,8 +1,8 @@
-// CPU 3x3 convolution (stride 1, padding 1) by Winograd F(2x2, 3x3): input transform, 16 GEMMs against a
-// weight the caller transformed once (ddpm_fast.ops.winograd_weight), output transform with the bias,
-// residual add, SiLU and output scale folded in. 2.25x fewer multiplies than the direct convolution, which
-// at batch 1 is what bounds the UNet on a CPU; fp32 only. Tiles go in blocks so the transformed planes stay
-// cache-sized whatever the image size.
+// CPU 3x3 convolution (stride 1, padding 1) by Winograd F(2x2, 3x3) or F(4x4, 3x3): input transform, 16 or
+// 36 GEMMs against a weight the caller transformed once (ddpm_fast.ops.winograd_weight; its first dimension
+// says which), output transform with the bias, residual add, SiLU and output scale folded in. 2.25x (F2) or
+// 4x (F4) fewer multiplies than the direct convolution, which at batch 1 is what bounds the UNet on a CPU;
+// fp32 only. Tiles go in blocks so the transformed planes stay cache-sized whatever the image size.
 #include <algorithm>
 #include <optional>
 
@@ -37,24 +37,25 @@ static at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor&
   float* py = y.mutable_data_ptr<float>();
   const float inv_scale = float(1.0 / output_scale);
 
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = N * th * tw;
-  // 256 tiles per block: each of the 16 GEMMs is still (256 x C) x (C x O), while V and M stay within L2/L3
-  // (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
-  const int64_t block = std::min<int64_t>(T, 256);
+  const int tile = weight.size(0) == 36 ? 4 : 2, planes = (tile + 2) * (tile + 2);
+  const int64_t th = (H + tile - 1) / tile, tw = (W + tile - 1) / tile, T = N * th * tw;
+  // 256 tiles per block for F2 (128 for F4's 36 planes): each GEMM is still (256 x C) x (C x O), while V and M
+  // stay within L2/L3 (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
+  const int64_t block = std::min<int64_t>(T, tile == 2 ? 256 : 128);
   const auto& k = kernels();
   for (int64_t b0 = 0; b0 < T; b0 += block) {
     const int64_t nb = std::min(block, T - b0);
-    at::Tensor V = at::empty({16, nb, C}, x.options());
-    at::Tensor M = at::empty({16, nb, O}, x.options());
+    at::Tensor V = at::empty({planes, nb, C}, x.options());
+    at::Tensor M = at::empty({planes, nb, O}, x.options());
     float* pv = V.mutable_data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, 2048 / C);
     at::parallel_for(b0, b0 + nb, grain, [&](int64_t t0, int64_t t1) {
-      k.winograd_input(px, pv + (t0 - b0) * C, H, W, C, th, tw, t0, t1, nb * C);
+      k.winograd_input(px, pv + (t0 - b0) * C, H, W, C, th, tw, t0, t1, nb * C, tile);
     });
     at::bmm_out(M, V, w);
     const float* pm = M.const_data_ptr<float>();
     at::parallel_for(b0, b0 + nb, std::max<int64_t>(1, 2048 / O), [&](int64_t t0, int64_t t1) {
-      k.winograd_output(pm + (t0 - b0) * O, py, pb, pr, H, W, O, th, tw, t0, t1, nb * O, silu, inv_scale);
+      k.winograd_output(pm + (t0 - b0) * O, py, pb, pr, H, W, O, th, tw, t0, t1, nb * O, silu, inv_scale, tile);
     });
   }
   return y;

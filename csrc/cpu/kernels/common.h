@@ -159,9 +159,9 @@ void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, cons
                        const float* b, bool silu);
 void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
 void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv);
+                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);
 void winograd_output_kernel(const float* M, float* y, const float* bias, const float* residual, int64_t H,
                             int64_t W, int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
-                            int64_t ldm, bool silu, float inv_scale);
+                            int64_t ldm, bool silu, float inv_scale, int tile);
 }  // namespace CPU_CAPABILITY
 }  // namespace ddpm_fast::cpu

@@ -1,7 +1,8 @@
-// Winograd F(2x2, 3x3) transforms for 3x3 / stride 1 / padding 1 convolutions on channels-last activations
-// (csrc/cpu/winograd.cpp runs the 16 GEMMs between them). Each output tile is 2x2 pixels, read from a 4x4
-// input patch; every transform is a handful of adds per channel, vectorised across channels.
-//   input:  V[k][t][c] = (B^T d B)[k] for the 4x4 patch d of tile t, channel c (zero outside the image)
+// Winograd F(2x2, 3x3) and F(4x4, 3x3) transforms for 3x3 / stride 1 / padding 1 convolutions on channels-last
+// activations (csrc/cpu/winograd.cpp runs the 16 or 36 GEMMs between them). Each output tile is m x m pixels
+// (m = 2 or 4), read from an (m+2) x (m+2) input patch; every transform is a handful of adds per channel,
+// vectorised across channels. Lavin & Gray's matrices (the same as ddpm_fast/ops.py's).
+//   input:  V[k][t][c] = (B^T d B)[k] for the patch d of tile t, channel c (zero outside the image)
 //   output: y = A^T m A (+ bias, + residual, then SiLU, then * inv_scale) for m[k] = M[k][t][o]
 #include <algorithm>
 
@@ -42,30 +43,69 @@ inline void output_tile(const Vec* m, Vec* y) {
   }
 }
 
+// F(4x4, 3x3). B^T on one 6-vector a (stride s): the rows of B^T =
+//   [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+inline void bt6(const Vec* a, int s, Vec* r, int rs) {
+  const Vec four(4.f), five(5.f), two(2.f);
+  const Vec a0 = a[0], a1 = a[s], a2 = a[2 * s], a3 = a[3 * s], a4 = a[4 * s], a5 = a[5 * s];
+  const Vec p = a4 - four * a2, q = a3 - four * a1;  // shared by rows 1 and 2
+  const Vec u = a4 - a2, w = two * (a3 - a1);        // shared by rows 3 and 4
+  r[0] = four * a0 - five * a2 + a4;
+  r[rs] = p + q;
+  r[2 * rs] = p - q;
+  r[3 * rs] = u + w;
+  r[4 * rs] = u - w;
+  r[5 * rs] = four * a1 - five * a3 + a5;
+}
+
+inline void input_tile6(const Vec* d, Vec* v) {
+  Vec t[36];
+  for (int j = 0; j < 6; ++j) bt6(d + j, 6, t + j, 6);      // B^T d: rows combine
+  for (int i = 0; i < 6; ++i) bt6(t + 6 * i, 1, v + 6 * i, 1);  // (B^T d) B: columns combine
+}
+
+// A^T on one 6-vector: rows [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
+inline void at6(const Vec* m, int s, Vec* y, int ys) {
+  const Vec a = m[s] + m[2 * s], b = m[s] - m[2 * s], c = m[3 * s] + m[4 * s], e = m[3 * s] - m[4 * s];
+  y[0] = m[0] + a + c;
+  y[ys] = b + Vec(2.f) * e;
+  y[2 * ys] = a + Vec(4.f) * c;
+  y[3 * ys] = b + Vec(8.f) * e + m[5 * s];
+}
+
+inline void output_tile6(const Vec* m, Vec* y) {
+  Vec s[24];
+  for (int j = 0; j < 6; ++j) at6(m + j, 6, s + j, 6);      // A^T m: 4 rows of 6
+  for (int i = 0; i < 4; ++i) at6(s + 6 * i, 1, y + 4 * i, 1);  // (A^T m) A: 4 x 4
+}
+
 }  // namespace
 
 void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv) {
+                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile) {
   const int64_t per_image = tiles_h * tiles_w;
+  const int p = tile + 2, kk = p * p;  // patch side, transformed values per tile
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / per_image, r = t % per_image, h0 = 2 * (r / tiles_w) - 1, w0 = 2 * (r % tiles_w) - 1;
+    const int64_t n = t / per_image, r = t % per_image;
+    const int64_t h0 = tile * (r / tiles_w) - 1, w0 = tile * (r % tiles_w) - 1;
     const float* img = x + n * H * W * C;
-    const float* rows[4][4];  // pixel pointers of the patch, nullptr outside the image
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
+    const float* px[36];  // pixel pointers of the patch, nullptr outside the image
+    for (int i = 0; i < p; ++i)
+      for (int j = 0; j < p; ++j) {
         const int64_t h = h0 + i, w = w0 + j;
-        rows[i][j] = (h >= 0 && h < H && w >= 0 && w < W) ? img + (h * W + w) * C : nullptr;
+        px[i * p + j] = (h >= 0 && h < H && w >= 0 && w < W) ? img + (h * W + w) * C : nullptr;
       }
     float* out = V + (t - t0) * C;
     for (int64_t c = 0; c < C; c += kV) {
       const int64_t m = std::min<int64_t>(kV, C - c);
-      Vec d[16], v[16];
-      for (int k = 0; k < 16; ++k) {
-        const float* p = rows[k / 4][k % 4];
-        d[k] = p ? (m == kV ? Vec::loadu(p + c) : Vec::loadu(p + c, m)) : Vec(0.f);
+      Vec d[36], v[36];
+      for (int k = 0; k < kk; ++k) {
+        const float* q = px[k];
+        d[k] = q ? (m == kV ? Vec::loadu(q + c) : Vec::loadu(q + c, m)) : Vec(0.f);
       }
-      input_tile(d, v);
-      for (int k = 0; k < 16; ++k) {
+      if (tile == 2) input_tile(d, v);
+      else input_tile6(d, v);
+      for (int k = 0; k < kk; ++k) {
         if (m == kV) v[k].store(out + k * ldv + c);
         else v[k].store(out + k * ldv + c, static_cast<int>(m));
       }
@@ -75,26 +115,28 @@ void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64
 
 void winograd_output_kernel(const float* M, float* y, const float* bias, const float* residual, int64_t H,
                             int64_t W, int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
-                            int64_t ldm, bool do_silu, float inv_scale) {
+                            int64_t ldm, bool do_silu, float inv_scale, int tile) {
   const int64_t per_image = tiles_h * tiles_w;
+  const int kk = (tile + 2) * (tile + 2), npix = tile * tile;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / per_image, r = t % per_image, h0 = 2 * (r / tiles_w), w0 = 2 * (r % tiles_w);
+    const int64_t n = t / per_image, r = t % per_image, h0 = tile * (r / tiles_w), w0 = tile * (r % tiles_w);
     const float* in = M + (t - t0) * O;
-    int64_t offs[4];
-    bool inside[4];
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) {
-        inside[i * 2 + j] = h0 + i < H && w0 + j < W;
-        offs[i * 2 + j] = ((n * H + h0 + i) * W + w0 + j) * O;
+    int64_t offs[16];
+    bool inside[16];
+    for (int i = 0; i < tile; ++i)
+      for (int j = 0; j < tile; ++j) {
+        inside[i * tile + j] = h0 + i < H && w0 + j < W;
+        offs[i * tile + j] = ((n * H + h0 + i) * W + w0 + j) * O;
       }
     for (int64_t o = 0; o < O; o += kV) {
       const int64_t m = std::min<int64_t>(kV, O - o);
       auto ld = [&](const float* p) { return m == kV ? Vec::loadu(p) : Vec::loadu(p, m); };
-      Vec mv[16], out[4];
-      for (int k = 0; k < 16; ++k) mv[k] = ld(in + k * ldm + o);
-      output_tile(mv, out);
+      Vec mv[36], out[16];
+      for (int k = 0; k < kk; ++k) mv[k] = ld(in + k * ldm + o);
+      if (tile == 2) output_tile(mv, out);
+      else output_tile6(mv, out);
       const Vec b = bias ? ld(bias + o) : Vec(0.f);
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < npix; ++q) {
         if (!inside[q]) continue;
         Vec v = out[q] + b;
         if (residual) v = v + ld(residual + offs[q] + o);
