@@ -230,10 +230,12 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     stats = packed_conv_stats()
     # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
     # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers). At batch 1 only the 22 at 32x32
-    # and 16x16 have the WINOGRAD_MIN_TILES (64) 2x2 tiles: 8 down-block, 12 up-block resnet convs, 2 upsamplers.
+    # and 16x16 have WINOGRAD_MIN_TILES (64) tiles: 8 down-block, 12 up-block resnet convs, 2 upsamplers.
+    # The 11 at 32x32 have 64 4x4 tiles and run as F(4x4); the 11 at 16x16 as F(2x2).
     assert conv_mod.WINOGRAD_MIN_TILES == 64
     winograd = 22 if ddpm_fast.ops.native_available() else 0
     assert stats["winograd_calls"] == winograd and stats["packed_calls"] == 65 - winograd
+    assert stats["winograd_f4_calls"] == winograd // 2
     assert stats["fallback_calls"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
@@ -248,9 +250,17 @@ def test_unet_runs_every_conv_packed_and_channels_last():
         with torch.no_grad():
             y_packed = ours(x, 10).sample
         assert packed_conv_stats()["packed_calls"] == 65
+        conv_mod.enable_winograd(True, max_tile=2)
+        packed_conv_stats(reset=True)
+        with torch.no_grad():
+            y_f2 = ours(x, 10).sample
+        assert packed_conv_stats()["winograd_calls"] == winograd and packed_conv_stats()["winograd_f4_calls"] == 0
     finally:
         conv_mod.enable_winograd(True)
     torch.testing.assert_close(y_packed, y, rtol=0, atol=2e-5)
+    torch.testing.assert_close(y_f2, y, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="max_tile"):
+        conv_mod.enable_winograd(True, max_tile=3)
 
 
 def test_unet_batch16_runs_all_eligible_convs_as_winograd():
@@ -263,8 +273,10 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
         y = ours(x, 10).sample
         expected = ref(x, 10).sample
     stats = packed_conv_stats()
-    # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 tiles: all 47 eligible convolutions run as Winograd
+    # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 2x2 tiles: all 47 eligible convolutions run as Winograd,
+    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4
     assert stats["winograd_calls"] == 47 and stats["packed_calls"] == 18 and stats["fallback_calls"] == 0
+    assert stats["winograd_f4_calls"] == 33
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 
 

@@ -10,9 +10,9 @@ Those are internal PyTorch ops (the ones torch.compile's CPU backend emits): eac
 ``F.conv2d`` on a tiny problem the first time it is needed, and any failure, now or later, falls back to
 ``F.conv2d`` for good, with one warning.  Parameters and state-dict keys are those of ``nn.Conv2d``.
 
-fp32 3x3 stride-1 convolutions with enough channels and pixels take a third path: Winograd F(2x2, 3x3)
-(``ddpm_fast.ops.conv3x3_winograd``, 2.25x fewer multiplies), with the transformed weight cached the same
-way; a failure there sends the layer to the packed path for good, with one warning.
+fp32 3x3 stride-1 convolutions with enough channels and pixels take a third path: Winograd F(4x4, 3x3) or
+F(2x2, 3x3) (``ddpm_fast.ops.conv3x3_winograd``, 4x or 2.25x fewer multiplies), with the transformed weight
+cached the same way; a failure there sends the layer to the packed path for good, with one warning.
 
 On a CPU without native bf16/fp16 convolutions in oneDNN (no AVX512-BF16 / AVX512-FP16 or AVX-NE-CONVERT)
 a bf16/fp16 convolution computes in fp32 on oneDNN and rounds the result back: PyTorch's own bf16 path
@@ -42,23 +42,30 @@ _CAPABILITY_LOCK = threading.Lock()
 _WARNED: set[str] = set()
 
 # Counters a test or a benchmark can read to see which path ran.
-_STATS = {"packed_calls": 0, "winograd_calls": 0, "fallback_calls": 0, "packs": 0}
+_STATS = {"packed_calls": 0, "winograd_calls": 0, "winograd_f4_calls": 0, "fallback_calls": 0, "packs": 0}
 
 # 3x3 / stride-1 convolutions with at least this many input and output channels run as Winograd F(2x2, 3x3)
 # (ddpm_fast.ops.conv3x3_winograd): 1.3-1.8x faster than the packed oneDNN call at the UNets' shapes on an
 # AVX2 CPU (python -m ddpm_fast.bench kernels --ops conv3x3_winograd); the 3-channel input/output
 # convolutions lose and stay packed.
 WINOGRAD_MIN_CHANNELS = 64
-# ... and at least this many 2x2 output tiles (N * ceil(H/2) * ceil(W/2)): below, the 16 GEMMs are too thin
-# and the transformed weight (16/9 the size of the original) makes them weight-bandwidth bound, e.g. at
-# 8x8 and 4x4 at batch 1.
+# ... and at least this many output tiles (N * ceil(H/m) * ceil(W/m) for m x m tiles): below, the GEMMs
+# are too thin and the transformed weight (16/9 or 36/9 the size of the original) makes them weight-bandwidth
+# bound. F(4x4) when it has that many 4x4 tiles (batch 1: 32x32 and up), else F(2x2) when it has that many
+# 2x2 tiles (batch 1: 16x16), else oneDNN (batch 1: 8x8 and 4x4).
 WINOGRAD_MIN_TILES = 64
-_WINOGRAD = {"enabled": os.environ.get("DDPM_FAST_WINOGRAD", "1") != "0"}
+_ENV_WINOGRAD = os.environ.get("DDPM_FAST_WINOGRAD", "4")
+_WINOGRAD = {"enabled": _ENV_WINOGRAD != "0", "max_tile": 2 if _ENV_WINOGRAD == "2" else 4}
 
 
-def enable_winograd(flag: bool = True) -> None:
-    """Turn the Winograd path of eligible 3x3 convolutions on or off (``DDPM_FAST_WINOGRAD=0`` starts it off)."""
+def enable_winograd(flag: bool = True, *, max_tile: int = 4) -> None:
+    """Turn the Winograd path of eligible 3x3 convolutions on or off; ``max_tile=2`` keeps F(2x2, 3x3) only.
+
+    ``DDPM_FAST_WINOGRAD=0`` starts it off, ``DDPM_FAST_WINOGRAD=2`` with F(2x2) only."""
+    if max_tile not in (2, 4):
+        raise ValueError(f"max_tile must be 2 or 4, got {max_tile!r}")
     _WINOGRAD["enabled"] = bool(flag)
+    _WINOGRAD["max_tile"] = max_tile
 
 
 def packed_conv_stats(reset: bool = False) -> dict[str, int]:
@@ -235,23 +242,31 @@ class Conv2d(nn.Conv2d):
             _STATS["packs"] += 1
         return self._packed
 
-    def _winograd_ok(self, x: torch.Tensor, compute: torch.dtype) -> bool:
-        return (
+    def _winograd_tile(self, x: torch.Tensor, compute: torch.dtype) -> int:
+        """4 or 2: the Winograd tile this call runs with; 0: not eligible."""
+        if not (
             _WINOGRAD["enabled"] and not self._winograd_failed and compute == torch.float32
             and x.dtype == torch.float32 and self.kernel_size == (3, 3) and self.stride == (1, 1)
             and self.padding == (1, 1) and self.dilation == (1, 1) and self.groups == 1
             and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
-            and x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) >= WINOGRAD_MIN_TILES
             and ops.native_available()
-        )
+        ):
+            return 0
+        for tile in (4, 2):
+            if tile <= _WINOGRAD["max_tile"] and (
+                x.shape[0] * -(-x.shape[2] // tile) * -(-x.shape[3] // tile) >= WINOGRAD_MIN_TILES
+            ):
+                return tile
+        return 0
 
-    def _winograd_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _winograd_weights(self, tile: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.weight, self.bias
-        key = ("winograd", w.data_ptr(), weight_version(w), None if b is None else (b.data_ptr(), weight_version(b)))
+        key = ("winograd", tile, w.data_ptr(), weight_version(w),
+               None if b is None else (b.data_ptr(), weight_version(b)))
         if key != self._packed_key or self._packed is None:
             self._packed = None
             with torch.no_grad():
-                self._packed = (ops.winograd_weight(w), None if b is None else b.detach().float().contiguous())
+                self._packed = (ops.winograd_weight(w, tile), None if b is None else b.detach().float().contiguous())
             self._packed_key = key
             _STATS["packs"] += 1
         return self._packed
@@ -291,12 +306,13 @@ class Conv2d(nn.Conv2d):
         """
         if self._can_pack(x):
             compute = _compute_dtype(x.dtype)
-            if compute is not None and self._winograd_ok(x, compute) and (other is None or other.shape == (
-                    x.shape[0], self.out_channels, x.shape[2], x.shape[3])):
+            tile = 0 if compute is None else self._winograd_tile(x, compute)
+            if tile and (other is None or other.shape == (x.shape[0], self.out_channels, x.shape[2], x.shape[3])):
                 try:
-                    u, b = self._winograd_weights()
+                    u, b = self._winograd_weights(tile)
                     y = torch.ops.ddpm_fast.conv3x3_winograd.default(x, u, b, other, silu, float(output_scale))
                     _STATS["winograd_calls"] += 1
+                    _STATS["winograd_f4_calls"] += tile == 4
                     return y
                 except Exception as exc:  # fall through to the packed oneDNN path, for good
                     self._winograd_failed = True
