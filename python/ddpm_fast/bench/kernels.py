@@ -33,7 +33,7 @@ ATTN_SHAPES = [(1, 1, 256, 256), (1, 1, 256, 512), (16, 1, 256, 256), (16, 1, 25
 ATTN_QUICK = [(1, 1, 256, 256), (1, 1, 256, 512)]
 # (N, C_in, C_out, H): the 3x3 stride-1 convolutions that take the Winograd path in both UNets.
 CONV_SHAPES = [(1, 128, 128, 32), (1, 256, 256, 16), (1, 512, 256, 16), (1, 384, 128, 32), (16, 128, 128, 32),
-               (1, 128, 128, 256), (1, 256, 256, 64)]
+               (16, 256, 256, 8), (1, 128, 128, 256), (1, 256, 256, 64)]
 CONV_QUICK = [(1, 128, 128, 32), (1, 256, 256, 16)]
 STEP_SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (1, 3, 256, 256), (16, 3, 256, 256)]
 STEP_QUICK = [(1, 3, 32, 32)]
@@ -119,8 +119,9 @@ def bench_attention(shapes, dtype, rounds) -> list[dict]:
 
 
 def bench_conv3x3(shapes, dtype, rounds) -> list[dict]:
-    """Winograd F(2x2, 3x3) against F.conv2d (what diffusers runs) and against the same convolution on the
-    packed oneDNN path (ddpm_fast's own alternative), fp32 channels_last, bias and residual folded in."""
+    """Winograd F(2x2, 3x3) and F(4x4, 3x3) against F.conv2d (what diffusers runs) and against the same
+    convolution on the packed oneDNN path (ddpm_fast's own alternative), fp32 channels_last, bias and residual
+    folded in. One row per tile size; all four are timed side by side."""
     from ..models.conv import Conv2d
 
     rows = []
@@ -132,19 +133,22 @@ def bench_conv3x3(shapes, dtype, rounds) -> list[dict]:
         conv = Conv2d(c, o, 3, padding=1).eval()
         with torch.no_grad():
             w, b = conv.weight.detach(), conv.bias.detach()
-            u = ops.winograd_weight(w)
+            u = {tile: ops.winograd_weight(w, tile) for tile in (2, 4)}
             packed = _packed_only(conv)
             t = _time_pair({
                 "torch": lambda: F.conv2d(x, w, b, padding=1) + res,
                 "packed": lambda: packed.forward_fused(x, res),
-                "fused": lambda: ops.conv3x3_winograd(x, u, b, residual=res),
+                "F2": lambda: ops.conv3x3_winograd(x, u[2], b, residual=res),
+                "F4": lambda: ops.conv3x3_winograd(x, u[4], b, residual=res),
             }, rounds)
-        row = _row("conv3x3_winograd", (n, c, o, h, h), {"layout": "+residual"}, t["torch"], t["fused"],
-                   (x.numel() + 2 * res.numel()) * 4, "F.conv2d(x, w, b, padding=1) + residual")
-        row["packed_ms"] = t["packed"] * 1e3
-        row["speedup_vs_packed"] = t["packed"] / t["fused"]
-        row["fused_equiv_GFLOPs"] = 2 * n * c * o * 9 * h * h / t["fused"] / 1e9
-        rows.append(row)
+        for tile in (2, 4):
+            row = _row("conv3x3_winograd", (n, c, o, h, h), {"layout": f"F{tile}x{tile} +residual"}, t["torch"],
+                       t[f"F{tile}"], (x.numel() + 2 * res.numel()) * 4, "F.conv2d(x, w, b, padding=1) + residual")
+            row["tile"] = tile
+            row["packed_ms"] = t["packed"] * 1e3
+            row["speedup_vs_packed"] = t["packed"] / t[f"F{tile}"]
+            row["fused_equiv_GFLOPs"] = 2 * n * c * o * 9 * h * h / t[f"F{tile}"] / 1e9
+            rows.append(row)
     return rows
 
 
