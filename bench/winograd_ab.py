@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The Winograd convolutions' share of a UNet forward: two copies of one random-weight UNet (cifar10-32 or 256-px
-architecture), one run with the Winograd path and one with every convolution on packed oneDNN, timed in
-interleaved rounds in one process. Reports both medians, the median of per-round ratios and the outputs' max
+architecture), one run with the Winograd path (F(4x4) or F(2x2), as each layer chooses) and one with every
+convolution on packed oneDNN, timed in interleaved rounds in one process. Reports both medians, the median of per-round ratios and the outputs' max
 difference; ``--json`` writes them.
 
     python bench/winograd_ab.py --arch cifar10-32 --batch 1 --rounds 15
