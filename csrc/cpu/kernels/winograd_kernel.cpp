@@ -79,33 +79,34 @@ inline void output_tile6(const Vec* m, Vec* y) {
   for (int i = 0; i < 4; ++i) at6(s + 6 * i, 1, y + 4 * i, 1);  // (A^T m) A: 4 x 4
 }
 
-}  // namespace
-
-void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile) {
+// The loops below take the tile size as a template argument, so that each copy has fixed trip counts and the
+// patch / transformed values can stay in registers.
+template <int TILE>
+void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h, int64_t tiles_w,
+                 int64_t t0, int64_t t1, int64_t ldv) {
+  constexpr int P = TILE + 2, KK = P * P;  // patch side, transformed values per tile
   const int64_t per_image = tiles_h * tiles_w;
-  const int p = tile + 2, kk = p * p;  // patch side, transformed values per tile
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / per_image, r = t % per_image;
-    const int64_t h0 = tile * (r / tiles_w) - 1, w0 = tile * (r % tiles_w) - 1;
+    const int64_t h0 = TILE * (r / tiles_w) - 1, w0 = TILE * (r % tiles_w) - 1;
     const float* img = x + n * H * W * C;
-    const float* px[36];  // pixel pointers of the patch, nullptr outside the image
-    for (int i = 0; i < p; ++i)
-      for (int j = 0; j < p; ++j) {
+    const float* px[KK];  // pixel pointers of the patch, nullptr outside the image
+    for (int i = 0; i < P; ++i)
+      for (int j = 0; j < P; ++j) {
         const int64_t h = h0 + i, w = w0 + j;
-        px[i * p + j] = (h >= 0 && h < H && w >= 0 && w < W) ? img + (h * W + w) * C : nullptr;
+        px[i * P + j] = (h >= 0 && h < H && w >= 0 && w < W) ? img + (h * W + w) * C : nullptr;
       }
     float* out = V + (t - t0) * C;
     for (int64_t c = 0; c < C; c += kV) {
       const int64_t m = std::min<int64_t>(kV, C - c);
-      Vec d[36], v[36];
-      for (int k = 0; k < kk; ++k) {
+      Vec d[KK], v[KK];
+      for (int k = 0; k < KK; ++k) {
         const float* q = px[k];
         d[k] = q ? (m == kV ? Vec::loadu(q + c) : Vec::loadu(q + c, m)) : Vec(0.f);
       }
-      if (tile == 2) input_tile(d, v);
+      if constexpr (TILE == 2) input_tile(d, v);
       else input_tile6(d, v);
-      for (int k = 0; k < kk; ++k) {
+      for (int k = 0; k < KK; ++k) {
         if (m == kV) v[k].store(out + k * ldv + c);
         else v[k].store(out + k * ldv + c, static_cast<int>(m));
       }
@@ -113,30 +114,31 @@ void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64
   }
 }
 
-void winograd_output_kernel(const float* M, float* y, const float* bias, const float* residual, int64_t H,
-                            int64_t W, int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
-                            int64_t ldm, bool do_silu, float inv_scale, int tile) {
+template <int TILE>
+void output_tiles(const float* M, float* y, const float* bias, const float* residual, int64_t H, int64_t W,
+                  int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldm, bool do_silu,
+                  float inv_scale) {
+  constexpr int KK = (TILE + 2) * (TILE + 2), NPIX = TILE * TILE;
   const int64_t per_image = tiles_h * tiles_w;
-  const int kk = (tile + 2) * (tile + 2), npix = tile * tile;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / per_image, r = t % per_image, h0 = tile * (r / tiles_w), w0 = tile * (r % tiles_w);
+    const int64_t n = t / per_image, r = t % per_image, h0 = TILE * (r / tiles_w), w0 = TILE * (r % tiles_w);
     const float* in = M + (t - t0) * O;
-    int64_t offs[16];
-    bool inside[16];
-    for (int i = 0; i < tile; ++i)
-      for (int j = 0; j < tile; ++j) {
-        inside[i * tile + j] = h0 + i < H && w0 + j < W;
-        offs[i * tile + j] = ((n * H + h0 + i) * W + w0 + j) * O;
+    int64_t offs[NPIX];
+    bool inside[NPIX];
+    for (int i = 0; i < TILE; ++i)
+      for (int j = 0; j < TILE; ++j) {
+        inside[i * TILE + j] = h0 + i < H && w0 + j < W;
+        offs[i * TILE + j] = ((n * H + h0 + i) * W + w0 + j) * O;
       }
     for (int64_t o = 0; o < O; o += kV) {
       const int64_t m = std::min<int64_t>(kV, O - o);
       auto ld = [&](const float* p) { return m == kV ? Vec::loadu(p) : Vec::loadu(p, m); };
-      Vec mv[36], out[16];
-      for (int k = 0; k < kk; ++k) mv[k] = ld(in + k * ldm + o);
-      if (tile == 2) output_tile(mv, out);
+      Vec mv[KK], out[NPIX];
+      for (int k = 0; k < KK; ++k) mv[k] = ld(in + k * ldm + o);
+      if constexpr (TILE == 2) output_tile(mv, out);
       else output_tile6(mv, out);
       const Vec b = bias ? ld(bias + o) : Vec(0.f);
-      for (int q = 0; q < npix; ++q) {
+      for (int q = 0; q < NPIX; ++q) {
         if (!inside[q]) continue;
         Vec v = out[q] + b;
         if (residual) v = v + ld(residual + offs[q] + o);
@@ -147,6 +149,21 @@ void winograd_output_kernel(const float* M, float* y, const float* bias, const f
       }
     }
   }
+}
+
+}  // namespace
+
+void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
+                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile) {
+  if (tile == 2) input_tiles<2>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv);
+  else input_tiles<4>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv);
+}
+
+void winograd_output_kernel(const float* M, float* y, const float* bias, const float* residual, int64_t H,
+                            int64_t W, int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
+                            int64_t ldm, bool do_silu, float inv_scale, int tile) {
+  if (tile == 2) output_tiles<2>(M, y, bias, residual, H, W, O, tiles_h, tiles_w, t0, t1, ldm, do_silu, inv_scale);
+  else output_tiles<4>(M, y, bias, residual, H, W, O, tiles_h, tiles_w, t0, t1, ldm, do_silu, inv_scale);
 }
 
 }  // namespace CPU_CAPABILITY
