@@ -45,7 +45,7 @@ _WARNED: set[str] = set()
 _STATS = {"packed_calls": 0, "winograd_calls": 0, "winograd_f4_calls": 0, "fallback_calls": 0, "packs": 0}
 
 # 3x3 / stride-1 convolutions with at least this many input and output channels run as Winograd
-# (ddpm_fast.ops.conv3x3_winograd): F(4x4) 1.35-2.2x and F(2x2) 1.0-1.5x the packed oneDNN call at the UNets'
+# (ddpm_fast.ops.conv3x3_winograd): F(4x4) 1.4-2.3x and F(2x2) 1.3-1.7x the packed oneDNN call at the UNets'
 # shapes on an AVX2 CPU (python -m ddpm_fast.bench kernels --ops conv3x3_winograd); the 3-channel
 # input/output convolutions lose and stay packed.
 WINOGRAD_MIN_CHANNELS = 64
