@@ -39,8 +39,8 @@ static at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor&
 
   const int tile = weight.size(0) == 36 ? 4 : 2, planes = (tile + 2) * (tile + 2);
   const int64_t th = (H + tile - 1) / tile, tw = (W + tile - 1) / tile, T = N * th * tw;
-  // 256 tiles per block for F2 (128 for F4's 36 planes): each GEMM is still (256 x C) x (C x O), while V and M
-  // stay within L2/L3 (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
+  // 256 tiles per block for F2, 128 for F4's 36 planes: each GEMM keeps 128-256 rows while V and M stay within
+  // L2/L3 (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
   const int64_t block = std::min<int64_t>(T, tile == 2 ? 256 : 128);
   const auto& k = kernels();
   for (int64_t b0 = 0; b0 < T; b0 += block) {
