@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,6 +99,49 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def _check_beta_bound(value: Any, name: str, schedule: str) -> float:
+    """``beta_start`` / ``beta_end`` as a float; a finite number in [0, 1] or a ValueError naming ``name``."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise TypeError(
+            f"{name} must be a number in [0, 1] (beta_schedule {schedule!r} uses it), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(number) or not 0 <= number <= 1:
+        raise ValueError(f"{name} must be a finite number in [0, 1] (beta_schedule {schedule!r} uses it), got {value!r}")
+    return value
+
+
+def _as_trained_betas(trained_betas: Any) -> torch.Tensor:
+    """``trained_betas`` (sequence, array or tensor) as a float32 CPU tensor; a clear error for anything else."""
+    if isinstance(trained_betas, torch.Tensor):
+        if trained_betas.is_complex() or trained_betas.dtype == torch.bool:
+            raise TypeError(f"trained_betas must hold real numbers, got a tensor of dtype {trained_betas.dtype}")
+        betas = trained_betas.detach()
+    else:
+        if isinstance(trained_betas, (str, bytes, Mapping)):
+            raise TypeError(f"trained_betas must be a sequence of numbers, got {type(trained_betas).__name__}")
+        try:
+            betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"trained_betas must be a sequence of numbers ({e})") from None
+    return betas.to(device="cpu", dtype=torch.float32).clone()
+
+
+def _check_betas_in_range(betas: torch.Tensor, source: str) -> None:
+    """Every beta finite and in [0, 1]; otherwise a ValueError saying where they came from and what is wrong."""
+    finite = torch.isfinite(betas)
+    if not finite.all():
+        first = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"{source} gives non-finite betas (beta[{first}] = {betas[first].item()}); "
+                         "betas must be finite values in [0, 1]")
+    outside = (betas < 0) | (betas > 1)
+    if outside.any():
+        first = int(outside.nonzero()[0, 0])
+        raise ValueError(f"{source} gives betas outside [0, 1] (beta[{first}] = {betas[first].item()}, "
+                         f"range {betas.min().item()} to {betas.max().item()}); betas must be finite values in [0, 1]")
+
+
 def make_betas(
     num_train_timesteps: int,
     beta_start: float,
@@ -109,10 +152,15 @@ def make_betas(
     allowed_schedules: Sequence[str],
     owner: str,
 ) -> torch.Tensor:
-    """The float32 beta table for a scheduler config, exactly as diffusers builds it."""
+    """The float32 beta table for a scheduler config, exactly as diffusers builds it.
+
+    Unlike diffusers, betas that leave [0, 1] or are not finite are refused with a ValueError naming the
+    argument they came from: ``beta_start`` / ``beta_end`` (checked before the schedules that use them),
+    ``trained_betas``, or the schedule's own result (including after ``rescale_betas_zero_snr``). Such betas
+    make ``alphas_cumprod`` overflow or turn NaN, and every sample NaN.
+    """
     if trained_betas is not None:
-        betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64) if not isinstance(trained_betas, torch.Tensor) else trained_betas)
-        betas = betas.detach().to(device="cpu", dtype=torch.float32).clone()
+        betas = _as_trained_betas(trained_betas)
         if betas.ndim != 1:
             raise ValueError(f"trained_betas must be one-dimensional, got shape {tuple(betas.shape)}")
         if betas.numel() != num_train_timesteps:
@@ -120,28 +168,37 @@ def make_betas(
                 f"trained_betas has {betas.numel()} values but num_train_timesteps is {num_train_timesteps}; "
                 "they must match"
             )
-        if not torch.isfinite(betas).all() or (betas < 0).any() or (betas > 1).any():
-            raise ValueError("trained_betas must be finite values in [0, 1]")
+        _check_betas_in_range(betas, "trained_betas")
+        source = "trained_betas"
     elif beta_schedule not in allowed_schedules:
         raise UnsupportedOptionError(
             f"beta_schedule {beta_schedule!r} is not supported by {owner}; choose one of {tuple(allowed_schedules)}"
         )
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        # Latent-diffusion schedule: linear in sqrt(beta).
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        betas = betas_for_alpha_bar(num_train_timesteps)
-    elif beta_schedule == "laplace":
-        betas = betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
-    elif beta_schedule == "sigmoid":
-        # GeoDiff schedule; diffusers builds the linspace in the default dtype (float32).
-        betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
-    else:  # pragma: no cover - allowed_schedules lists only the names handled above
-        raise UnsupportedOptionError(f"beta_schedule {beta_schedule!r} is not implemented")
+    else:
+        if beta_schedule in ("linear", "scaled_linear", "sigmoid"):
+            beta_start = _check_beta_bound(beta_start, "beta_start", beta_schedule)
+            beta_end = _check_beta_bound(beta_end, "beta_end", beta_schedule)
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        elif beta_schedule == "scaled_linear":
+            # Latent-diffusion schedule: linear in sqrt(beta).
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        elif beta_schedule == "squaredcos_cap_v2":
+            betas = betas_for_alpha_bar(num_train_timesteps)
+        elif beta_schedule == "laplace":
+            betas = betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
+        elif beta_schedule == "sigmoid":
+            # GeoDiff schedule; diffusers builds the linspace in the default dtype (float32).
+            betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
+        else:  # pragma: no cover - allowed_schedules lists only the names handled above
+            raise UnsupportedOptionError(f"beta_schedule {beta_schedule!r} is not implemented")
+        source = f"beta_schedule {beta_schedule!r} with num_train_timesteps={num_train_timesteps}"
+        if beta_schedule in ("linear", "scaled_linear", "sigmoid"):
+            source += f", beta_start={beta_start!r}, beta_end={beta_end!r}"
+        _check_betas_in_range(betas, source)
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
+        _check_betas_in_range(betas, f"rescale_betas_zero_snr=True applied to the betas of {source}")
     return betas
 
 
