@@ -15,8 +15,8 @@ the same ``--num-threads``: CPU reductions split work by thread count) never dep
 
 Files. Every file is written to a temp file in the target's folder and renamed over the target, so a crash leaves
 the old file or the whole new one; the new file gets the permissions a plain ``open(path, "w")`` would give
-(``0o666`` less the umask, :func:`file_mode`), not the ``0o600`` of the temp file. :func:`damaged_images` decodes
-every existing image for ``--resume``, which samples the damaged ones again.
+(``0o666`` less the umask), not ``tempfile.mkstemp``'s ``0o600``. :func:`damaged_images` decodes every existing
+image for ``--resume``, which samples the damaged ones again.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import errno
 import math
 import os
 import re
+import secrets
 import tempfile
-import threading
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -81,41 +81,31 @@ def pending_batches(num_images: int, batch_size: int, out_dir: str | os.PathLike
     return [b for b in batch_indices(num_images, batch_size) if not all(i in done for i in b)]
 
 
-_UMASK_LOCK = threading.Lock()
+def _create_temp(path: Path) -> tuple[int, str]:
+    """Create and open a new temp file next to ``path``: ``.<name>.<random>.tmp``, removable by
+    :func:`remove_stale_temp_files`.
 
-
-def current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux: ``/proc/self/status``).
-
-    Elsewhere it is read with ``os.umask`` under a lock, set to ``0o077`` for the instant in between: a file
-    another thread creates in that instant gets stricter permissions, never looser ones.
+    It is created the way ``open(path, "w")`` creates a file, with mode ``0o666`` that the kernel reduces by
+    the umask (or a default ACL of the folder); ``tempfile.mkstemp`` would give ``0o600``, which the rename
+    would then carry to the final file.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:
-        mask = os.umask(0o077)
-        os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """Permission bits of a new regular file: ``0o666`` less the umask, as ``open(path, "w")`` gives."""
-    return 0o666 & ~current_umask()
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temp file next to {path}")  # pragma: no cover
 
 
 def _publish(tmp: str, path: Path, replace: bool = True) -> None:
-    """Give ``tmp`` (a finished temp file next to ``path``) the umask's permissions and move it to ``path``.
+    """Move ``tmp`` (a finished temp file next to ``path``) to ``path``.
 
     ``replace=False`` never replaces an existing ``path`` (FileExistsError): the temp file is hard-linked to the
     new name, which fails if the name exists; where the file system has no hard links, an existence check and
     ``os.replace`` follow instead.
     """
-    os.chmod(tmp, file_mode())
     if replace:
         os.replace(tmp, path)
         return
@@ -137,7 +127,8 @@ def write_png_atomic(image: np.ndarray, path: str | os.PathLike, replace: bool =
     """Write a uint8 HWC/HW image as PNG via a temp file in the same folder and ``os.replace``.
 
     A crash or Ctrl-C leaves either the old file or the complete new one, never half a PNG. The file gets the
-    permissions the umask gives (:func:`file_mode`). ``replace=False`` refuses to replace an existing file.
+    permissions the umask gives (see :func:`_create_temp`). ``replace=False`` refuses to replace an existing
+    file.
     """
     from PIL import Image
 
@@ -147,7 +138,7 @@ def write_png_atomic(image: np.ndarray, path: str | os.PathLike, replace: bool =
         raise TypeError(f"image must be uint8, got {arr.dtype}")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr).save(f, format="PNG")
@@ -362,7 +353,7 @@ def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLi
     first = load_png(first_path)
     shape = (num_images, *first.shape)
     path = Path(path) if path is not None else default_npz_path(out_dir, shape)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     os.close(fd)
     try:
         # np.savez layout: an uncompressed zip member "arr_0.npy" in .npy format 1.0 (zip64 for > 4 GB).
