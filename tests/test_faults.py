@@ -474,6 +474,18 @@ def test_no_replace_writers_never_replace(tmp_path):
     write_npz(tmp_path, 1, tmp_path / "new.npz", replace=False)  # a new name is fine
 
 
+def test_image_that_appears_during_a_run_is_not_replaced(model, tmp_path):
+    """Without --overwrite the sampler writes images with replace=False: another job's file stays."""
+    from ddpm_fast.sampling import sample_images
+
+    pipe = DDPMPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    (tmp_path / "000001.png").write_bytes(b"another job's image")
+    with pytest.raises(FileExistsError, match="000001.png"):
+        sample_images(pipe, [[0, 1]], 0, 2, out_dir=tmp_path, replace=False)
+    assert (tmp_path / "000001.png").read_bytes() == b"another job's image"
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_files_get_the_umask_permissions(model, tmp_path, capsys, umask):

@@ -252,8 +252,9 @@ def _sample(args: argparse.Namespace, dist) -> int:
     ctx = use_backend(args.backend) if args.backend else _nullcontext()
     try:
         with ctx, torch.inference_mode():
+            # Without --overwrite an image file that appears meanwhile (another job on the folder) is not replaced.
             sample_sharded(pipe, batches, args.seed, steps, dist, out_dir=args.output, skip_existing=args.resume,
-                           progress=bar.update if bar is not None else None)
+                           progress=bar.update if bar is not None else None, replace=args.overwrite)
     finally:
         if bar is not None:
             bar.close()

@@ -197,12 +197,14 @@ def sample_images(
     out_dir: str | os.PathLike | None = None,
     skip_existing: bool = False,
     progress=None,
+    replace: bool = True,
 ) -> dict[int, np.ndarray]:
     """Sample every batch of ``batches`` and return ``{index: uint8 HWC image}``.
 
     With ``out_dir``, each image is written to ``out_dir/<index:06d>.png`` atomically as soon as its batch is done
-    (images that already exist are left untouched when ``skip_existing``). ``progress`` is called with the
-    number of images finished after every batch.
+    (images that already exist are left untouched when ``skip_existing``; with ``replace=False`` an image file
+    that exists when it is written is an error, never replaced). ``progress`` is called with the number of
+    images finished after every batch.
     """
     results: dict[int, np.ndarray] = {}
     for batch in batches:
@@ -213,7 +215,7 @@ def sample_images(
             if out_dir is not None:
                 p = image_path(out_dir, i)
                 if not (skip_existing and p.exists()):
-                    write_png_atomic(img, p)
+                    write_png_atomic(img, p, replace=replace)
         if progress is not None:
             progress(len(batch))
     return results
@@ -394,13 +396,14 @@ def sample_sharded(
     out_dir: str | os.PathLike,
     skip_existing: bool = False,
     progress=None,
+    replace: bool = True,
 ) -> int:
     """Sample this rank's round-robin share of ``batches`` into ``out_dir``; returns the images done by all ranks.
 
     ``dist`` is a :class:`ddpm_fast.distributed.Distributed` (a single-process one works too). Every round each
     rank samples at most one batch and then all ranks exchange a status: a rank that raised stops the job on
     every rank (see :meth:`~ddpm_fast.distributed.Distributed.check`). ``progress`` (rank 0 only, typically)
-    gets the number of images all ranks finished in each round.
+    gets the number of images all ranks finished in each round; ``replace`` goes to :func:`sample_images`.
     """
     from .distributed import maybe_inject_failure, shard
 
@@ -413,7 +416,7 @@ def sample_sharded(
             if r < len(mine):
                 maybe_inject_failure(dist.rank, r)
                 sample_images(pipeline, [mine[r]], seed, num_inference_steps, out_dir=out_dir,
-                              skip_existing=skip_existing)
+                              skip_existing=skip_existing, replace=replace)
                 done = len(mine[r])
         except Exception:
             dist.check(False, "sampling")
