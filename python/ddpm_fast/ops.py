@@ -415,6 +415,31 @@ def _register_fakes() -> None:
         fmt = torch.preserve_format if dense else torch.contiguous_format
         return torch.empty_like(sample, memory_format=fmt), torch.empty_like(sample, memory_format=fmt)
 
+    @torch.library.register_fake("ddpm_fast::scheduler_step_table")
+    def _(model_output, sample, noise, coefs, index, clip_range):
+        # The kernels' device checks (csrc/checks.cpp), word for word: the dispatcher runs the CUDA kernel as
+        # soon as one argument is on CUDA, and it first requires sample there; then every other tensor must be
+        # on sample's device.
+        named = [("model_output", model_output), ("noise", noise), ("coefs", coefs), ("index", index)]
+        if sample.device.type != "cuda" and any(t is not None and t.device.type == "cuda" for _, t in named):
+            raise RuntimeError(
+                f"scheduler_step_table (CUDA): sample must be a CUDA tensor, got device {sample.device}"
+            )
+        for name, t in named:
+            if t is not None and t.device != sample.device:
+                raise RuntimeError(
+                    f"scheduler_step_table: {name} is on {t.device} but sample is on {sample.device} "
+                    "(all tensors must be on one device)"
+                )
+        # Unlike scheduler_step, noise counts for the layout whenever it is given (its scale is device data).
+        dense = (
+            (sample.is_contiguous() or (sample.dim() == 4 and sample.is_contiguous(memory_format=torch.channels_last)))
+            and model_output.stride() == sample.stride()
+            and (noise is None or noise.stride() == sample.stride())
+        )
+        fmt = torch.preserve_format if dense else torch.contiguous_format
+        return torch.empty_like(sample, memory_format=fmt), torch.empty_like(sample, memory_format=fmt)
+
 
 if _native.available():
     _register_fakes()
