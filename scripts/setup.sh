@@ -17,7 +17,8 @@ if [ "${1:-}" = "--test" ]; then
 else
   "${pip[@]}" scikit-learn
 fi
-# --no-build-isolation: the extension must be compiled against the torch installed above, not a
-# fresh copy pip would fetch into an isolated build environment.
+# --no-build-isolation: the fast path. The extension (stable ABI: it loads on any torch >= 2.10) is compiled
+# against the torch installed above instead of a fresh copy (GBs with CUDA) that pip would fetch into an
+# isolated build environment; CMake's build dir (build/<wheel tag>) is reused by later installs.
 "${pip[@]}" --no-build-isolation --no-deps .
 "$venv/bin/python" -c "import ddpm_fast, ddpm_fast.ops as o; print('ddpm_fast', ddpm_fast.__version__, 'native kernels:', o.native_available() if hasattr(o, 'native_available') else 'n/a')"
