@@ -261,6 +261,36 @@ def test_scheduler_step_table_bad_inputs():
 
 
 @native
+def test_scheduler_step_table_fake_raises_the_kernels_device_errors():
+    """Under FakeTensorMode (torch.compile's tracing) the fake words device mismatches as the CUDA kernel does
+    (tests/test_ops_cuda.py compares the two on a GPU); fake CUDA tensors need no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode()
+
+    def fake(shape, device, dtype=torch.float32):
+        return FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"), torch.device(device))
+
+    x, t, i = (2, 3, 4, 4), (4, 6), (1,)
+    op = torch.ops.ddpm_fast.scheduler_step_table
+    cases = [
+        ((fake(x, "cuda:0"), fake(x, "cuda:0"), None, fake(t, "cpu"), fake(i, "cuda:0", torch.int64)),
+         "scheduler_step_table: coefs is on cpu but sample is on cuda:0 (all tensors must be on one device)"),
+        ((fake(x, "cuda:0"), fake(x, "cuda:0"), fake(x, "cuda:1"), fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64)),
+         "scheduler_step_table: noise is on cuda:1 but sample is on cuda:0 (all tensors must be on one device)"),
+        ((fake(x, "cuda:0"), fake(x, "cpu"), None, fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64)),
+         "scheduler_step_table (CUDA): sample must be a CUDA tensor, got device cpu"),
+    ]
+    with mode:
+        for args, text in cases:
+            with pytest.raises(RuntimeError) as info:
+                op(*args, None)
+            assert str(info.value) == text
+        prev, x0 = op(fake(x, "cuda:0"), fake(x, "cuda:0"), None, fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64), 1.0)
+        assert prev.device == torch.device("cuda:0") and prev.shape == x0.shape == x
+
+
+@native
 def test_scheduler_step_table_opcheck_and_compile():
     torch.manual_seed(0)
     e, s, n = torch.randn(3, 2, 3, 5, 4).unbind(0)

@@ -19,11 +19,13 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-# On a GPU machine the extension must be there and built with CUDA: a missing build is a failure, not a skip.
-_C = importlib.import_module("ddpm_fast._C")
-importlib.import_module("ddpm_fast.ops")  # registers fake kernels, if the package provides them
-if not getattr(_C, "with_cuda", False):
-    raise RuntimeError("ddpm_fast._C was built without CUDA kernels on a machine with a GPU; rebuild with nvcc on PATH")
+# On a GPU machine the extension must be there with its CUDA library loaded: a missing build is a failure, not a
+# skip.
+_native = importlib.import_module("ddpm_fast._native")
+importlib.import_module("ddpm_fast.ops")  # registers the fake kernels
+_native.load()  # raises NativeExtensionError saying why the extension is unusable
+if not _native.has_cuda():
+    raise RuntimeError(f"ddpm_fast's CUDA kernels are not loaded on a machine with a GPU: {_native.cuda_error()}")
 
 OPS = torch.ops.ddpm_fast
 DEV = "cuda"
@@ -52,25 +54,9 @@ def _assert_close_rule(ours: torch.Tensor, theirs: torch.Tensor, ref64: torch.Te
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (PyTorch's error {err_torch:.3g}, |ref| {mag:.3g})"
 
 
-def _has_fake(fn, *args) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode()
-    try:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with mode:
-            fn(*fake_args)
-        return True
-    except Exception:
-        return False
-
-
 def _opcheck(op, args):
-    """Full opcheck when a fake kernel is registered (by ddpm_fast.ops); schema/autograd checks otherwise."""
-    if _has_fake(op, *args):
-        torch.library.opcheck(op, args)
-    else:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+    """Full opcheck (schema, autograd registration, fake kernel, AOT dispatch): every op has a fake in ddpm_fast.ops."""
+    torch.library.opcheck(op, args)
 
 
 # ------------------------------------------------------------------------------------------------ group_norm_silu
@@ -403,6 +389,125 @@ def test_scheduler_step_opcheck():
     _opcheck(OPS.scheduler_step.default, (e.half(), s.half(), None, *COEFS.values(), None))
 
 
+# ------------------------------------------------------------------------------------------------ scheduler_step_table
+
+# (a_x, a_e, c0, c1, c2, noise_scale) rows; the second has no noise term.
+TABLE_ROWS = [tuple(COEFS.values()), (1.1, -0.3, 0.9, 0.05, 0.02, 0.0), (2.0, -1.5, 0.4, 0.6, -0.1, 0.3)]
+
+
+def _table(layout="contiguous"):
+    t = torch.tensor(TABLE_ROWS, dtype=torch.float32, device=DEV)
+    return t.t().contiguous().t() if layout == "column_major" else t
+
+
+def _index(i, shape=(1,)):
+    return torch.full(shape, i, dtype=torch.int64, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 17, 19), (7,), (4, 5, 3, 3)], ids=str)
+def test_scheduler_step_table_matches_scheduler_step(shape, dtype):
+    """Row index[0] read on the device gives exactly scheduler_step with that row (the same kernel), and the
+    formula within the rule; a row noise_scale of 0 drops the noise term."""
+    e, s, n = (_randn(shape, 140 + i, dtype) for i in range(3))
+    for layout in ("contiguous", "column_major"):
+        table = _table(layout)
+        for i in range(len(TABLE_ROWS)):
+            coefs = [float(v) for v in table[i].cpu()]
+            for noise, clip in [(n, None), (None, 1.0), (n, 0.5)]:
+                prev, x0 = OPS.scheduler_step_table(e, s, noise, table, _index(i, (1,) if i else ()), clip)
+                want = OPS.scheduler_step(e, s, noise, *coefs, clip)
+                torch.testing.assert_close(prev, want[0], atol=0, rtol=0)
+                torch.testing.assert_close(x0, want[1], atol=0, rtol=0)
+                used = noise if coefs[5] != 0.0 else None
+                ref = _step_ref(e.double(), s.double(), None if used is None else used.double(), *coefs, clip)
+                theirs = _step_ref(e, s, used, *coefs, clip)
+                _assert_close_rule(prev, theirs[0], ref[0], dtype, f"scheduler_step_table prev {shape} row {i}")
+                _assert_close_rule(x0, theirs[1], ref[1], dtype, f"scheduler_step_table x0 {shape} row {i}")
+
+
+def test_scheduler_step_table_layouts_zero_noise_and_out_of_range_index():
+    shape = (2, 3, 9, 11)
+    e, s, n = (_randn(shape, 150 + i).contiguous(memory_format=torch.channels_last) for i in range(3))
+    table = _table()
+    prev, x0 = OPS.scheduler_step_table(e, s, n, table, _index(0), None)
+    assert prev.is_contiguous(memory_format=torch.channels_last) and x0.stride() == s.stride()
+    # A zero noise_scale row skips the noise term entirely (NaN noise stays out of the result).
+    prev, x0 = OPS.scheduler_step_table(e, s, torch.full_like(n, float("nan")), table, _index(1), None)
+    assert torch.isfinite(prev).all() and torch.isfinite(x0).all()
+    # The glue cannot read the index without a sync: the kernel writes NaN everywhere for one out of range.
+    for bad in (-1, len(TABLE_ROWS), 10**9):
+        for ee, ss in ((e, s), (_randn((5,), 155), _randn((5,), 156))):  # vector and scalar-tail paths
+            prev, x0 = OPS.scheduler_step_table(ee, ss, None, table, _index(bad), 1.0)
+            assert torch.isnan(prev).all() and torch.isnan(x0).all(), bad
+    z = torch.empty(0, 3, 4, 4, device=DEV)
+    prev, x0 = OPS.scheduler_step_table(z, z, None, table, _index(0), None)
+    assert prev.shape == z.shape and x0.shape == z.shape
+
+
+def test_scheduler_step_table_in_a_cuda_graph_follows_the_index():
+    """Captured once, replayed with the index advanced in place: each replay uses that step's row."""
+    e, s, n = (_randn((1, 3, 32, 32), 160 + i) for i in range(3))
+    table, idx = _table(), _index(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        OPS.scheduler_step_table(e, s, n, table, idx, 1.0)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a host sync inside would fail the capture
+        prev, x0 = OPS.scheduler_step_table(e, s, n, table, idx, 1.0)
+    for i in (2, 0, 1):
+        idx.fill_(i)
+        graph.replay()
+        want = OPS.scheduler_step(e, s, n, *[float(v) for v in table[i].cpu()], 1.0)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(prev, want[0], atol=0, rtol=0)
+        torch.testing.assert_close(x0, want[1], atol=0, rtol=0)
+
+
+def _fake_call(op, args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode:
+        return op(*fake)
+
+
+def test_scheduler_step_table_bad_inputs_and_the_fake_raises_the_same_device_errors():
+    s = _randn((1, 3, 4, 4), 170)
+    table, idx = _table(), _index(1)
+    op = OPS.scheduler_step_table.default
+    for args, text in [
+        ((s, s, None, table.cpu(), idx, None), "scheduler_step_table: coefs is on cpu but sample is on cuda:0"),
+        ((s, s, None, table, idx.cpu(), None), "scheduler_step_table: index is on cpu but sample is on cuda:0"),
+        ((s, s, s.cpu(), table, idx, None), "scheduler_step_table: noise is on cpu but sample is on cuda:0"),
+        ((s, s.cpu(), None, table, idx, None), r"scheduler_step_table \(CUDA\): sample must be a CUDA tensor"),
+    ]:
+        with pytest.raises(RuntimeError, match=text) as real:
+            op(*args)
+        with pytest.raises(RuntimeError) as fake:
+            _fake_call(op, args)
+        assert str(fake.value) == str(real.value).splitlines()[0]
+    for args, text in [
+        ((s, s, None, table.double(), idx, None), "coefs has dtype Double"),
+        ((s, s, None, table[:, :4], idx, None), "coefs must be a"),
+        ((s, s, None, table, idx.int(), None), "index has dtype Int"),
+        ((s, s, None, table, _index(1, (2,)), None), "exactly one element"),
+        ((s.half(), s, None, table, idx, None), "dtype"),
+        ((_randn((1, 3, 4, 5), 171), s, None, table, idx, None), "shape"),
+    ]:
+        with pytest.raises(RuntimeError, match=text):
+            op(*args)
+
+
+def test_scheduler_step_table_opcheck():
+    e, s, n = (_randn((2, 3, 8, 8), 180 + i) for i in range(3))
+    _opcheck(OPS.scheduler_step_table.default, (e, s, n, _table(), _index(0), 1.0))
+    _opcheck(OPS.scheduler_step_table.default, (e.half(), s.half(), None, _table("column_major"), _index(2, ()), None))
+
+
 # ------------------------------------------------------------------------------------------------ CUDA graphs
 
 
@@ -440,5 +545,6 @@ def test_ops_capture_in_cuda_graph():
 def test_attention_wrapper_falls_back_above_head_dim_512():
     from ddpm_fast import ops
 
+    assert _native.limits()["cuda_attention_max_head_dim"] == 512
     q, k, v = (_randn((1, 1, 8, 520), 80 + i) for i in range(3))
     torch.testing.assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
