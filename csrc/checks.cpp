@@ -11,22 +11,22 @@ bool is_float(ScalarType t) { return t == ScalarType::Float || t == ScalarType::
 const char* device_name(DeviceType d) { return d == DeviceType::CUDA ? "CUDA" : "CPU"; }
 
 void check_main(const char* op, const char* name, const Tensor& t, DeviceType device) {
-  DDPM_FAST_CHECK(t.device().type() == device, op, " (", device_name(device), "): ", name, " must be a ",
+  DDPM_FAST_CHECK(device_type_of(t) == device, op, " (", device_name(device), "): ", name, " must be a ",
                   device_name(device), " tensor, got device ", device_str(t.device()));
-  DDPM_FAST_CHECK(is_float(t.scalar_type()), op, ": ", name, " has dtype ", dtype_str(t.scalar_type()),
+  DDPM_FAST_CHECK(is_float(dtype_of(t)), op, ": ", name, " has dtype ", dtype_str(dtype_of(t)),
                   "; expected float32, bfloat16 or float16");
 }
 
 void check_device(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
-  DDPM_FAST_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", device_str(t.device()), " but ", ref_name,
+  DDPM_FAST_CHECK(same_device(t, ref), op, ": ", name, " is on ", device_str(t.device()), " but ", ref_name,
                   " is on ", device_str(ref.device()), " (all tensors must be on one device)");
 }
 
 // Same device and dtype as ref.
 void check_like(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
   check_device(op, name, t, ref_name, ref);
-  DDPM_FAST_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", dtype_str(t.scalar_type()),
-                  " but ", ref_name, " has dtype ", dtype_str(ref.scalar_type()), " (dtypes must match)");
+  DDPM_FAST_CHECK(dtype_of(t) == dtype_of(ref), op, ": ", name, " has dtype ", dtype_str(dtype_of(t)),
+                  " but ", ref_name, " has dtype ", dtype_str(dtype_of(ref)), " (dtypes must match)");
 }
 
 // The checks scheduler_step and scheduler_step_table share.
@@ -74,14 +74,14 @@ void check_group_norm_silu(const Tensor& x, int64_t num_groups, const std::optio
     if (!t->has_value()) continue;
     const Tensor& p = **t;
     check_device(op, name, p, "x", x);
-    DDPM_FAST_CHECK(is_float(p.scalar_type()), op, ": ", name, " has dtype ", dtype_str(p.scalar_type()),
+    DDPM_FAST_CHECK(is_float(dtype_of(p)), op, ": ", name, " has dtype ", dtype_str(dtype_of(p)),
                     "; expected float32, bfloat16 or float16");
     DDPM_FAST_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", name, " must have shape (", C, "), got ",
                     sizes_str(p.sizes()));
   }
   if (temb.has_value()) {
     check_device(op, "temb", *temb, "x", x);
-    DDPM_FAST_CHECK(is_float(temb->scalar_type()), op, ": temb has dtype ", dtype_str(temb->scalar_type()),
+    DDPM_FAST_CHECK(is_float(dtype_of(*temb)), op, ": temb has dtype ", dtype_str(dtype_of(*temb)),
                     "; expected float32, bfloat16 or float16");
     DDPM_FAST_CHECK(temb->dim() == 2 && temb->size(0) == N && temb->size(1) == C, op, ": temb must have shape (",
                     N, ", ", C, "), got ", sizes_str(temb->sizes()));
@@ -127,14 +127,14 @@ void check_scheduler_step_table(const Tensor& model_output, const Tensor& sample
   constexpr const char* op = "scheduler_step_table";
   check_step_tensors(op, model_output, sample, noise, clip_range, device);
   check_device(op, "coefs", coefs, "sample", sample);
-  DDPM_FAST_CHECK(coefs.scalar_type() == ScalarType::Float, op, ": coefs has dtype ", dtype_str(coefs.scalar_type()),
+  DDPM_FAST_CHECK(dtype_of(coefs) == ScalarType::Float, op, ": coefs has dtype ", dtype_str(dtype_of(coefs)),
                   "; expected float32");
   DDPM_FAST_CHECK(coefs.dim() == 2 && coefs.size(0) >= 1 && coefs.size(1) == kStepTableCols, op,
                   ": coefs must be a (T, ", int(kStepTableCols),
                   ") table of (a_x, a_e, c0, c1, c2, noise_scale) rows with T >= 1, got shape ",
                   sizes_str(coefs.sizes()));
   check_device(op, "index", index, "sample", sample);
-  DDPM_FAST_CHECK(index.scalar_type() == ScalarType::Long, op, ": index has dtype ", dtype_str(index.scalar_type()),
+  DDPM_FAST_CHECK(dtype_of(index) == ScalarType::Long, op, ": index has dtype ", dtype_str(dtype_of(index)),
                   "; expected int64");
   DDPM_FAST_CHECK(index.numel() == 1, op, ": index must have exactly one element, got shape ",
                   sizes_str(index.sizes()));
@@ -149,7 +149,7 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
                             const std::optional<Tensor>& residual, double output_scale, DeviceType device) {
   constexpr const char* op = "conv3x3_winograd";
   check_main(op, "x", x, device);
-  DDPM_FAST_CHECK(x.scalar_type() == ScalarType::Float, op, ": x has dtype ", dtype_str(x.scalar_type()),
+  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
                   "; only float32 is supported");
   DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", sizes_str(x.sizes()));
   check_like(op, "weight", weight, "x", x);

@@ -104,6 +104,51 @@ std::string str(const Args&... args) {
   return os.str();
 }
 
+// ------------------------------------------------------------------------------------ dtype and device
+// Tensor::scalar_type() and device() translate torch's codes into the headers' enums through a chain of up to
+// ~20 shim calls each; the checks ask for them for every argument of every call (several hundred ns per op
+// on a 10 us op). These read the codes once and compare them with the few we use.
+
+struct ShimCodes {
+  int32_t f32, bf16, f16, i64, cpu, cuda;
+};
+inline const ShimCodes& shim_codes() {
+  static const ShimCodes codes{aoti_torch_dtype_float32(), aoti_torch_dtype_bfloat16(), aoti_torch_dtype_float16(),
+                               aoti_torch_dtype_int64(),   aoti_torch_device_type_cpu(), aoti_torch_device_type_cuda()};
+  return codes;
+}
+
+inline ScalarType dtype_of(const Tensor& t) {
+  int32_t code = 0;
+  STD_TORCH_CHECK(aoti_torch_get_dtype(t.get(), &code) == AOTI_TORCH_SUCCESS, "aoti_torch_get_dtype failed");
+  const ShimCodes& c = shim_codes();
+  if (code == c.f32) return ScalarType::Float;
+  if (code == c.bf16) return ScalarType::BFloat16;
+  if (code == c.f16) return ScalarType::Half;
+  if (code == c.i64) return ScalarType::Long;
+  return t.scalar_type();
+}
+
+inline DeviceType device_type_of(const Tensor& t) {
+  int32_t code = 0;
+  STD_TORCH_CHECK(aoti_torch_get_device_type(t.get(), &code) == AOTI_TORCH_SUCCESS, "aoti_torch_get_device_type failed");
+  const ShimCodes& c = shim_codes();
+  if (code == c.cpu) return DeviceType::CPU;
+  if (code == c.cuda) return DeviceType::CUDA;
+  return t.device().type();
+}
+
+// Same device type and index.
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  int32_t ta = 0, tb = 0, ia = 0, ib = 0;
+  STD_TORCH_CHECK(aoti_torch_get_device_type(a.get(), &ta) == AOTI_TORCH_SUCCESS &&
+                      aoti_torch_get_device_type(b.get(), &tb) == AOTI_TORCH_SUCCESS &&
+                      aoti_torch_get_device_index(a.get(), &ia) == AOTI_TORCH_SUCCESS &&
+                      aoti_torch_get_device_index(b.get(), &ib) == AOTI_TORCH_SUCCESS,
+                  "reading a tensor's device failed");
+  return ta == tb && ia == ib;
+}
+
 // --------------------------------------------------------------------------------------- memory formats
 
 // c10's is_contiguous(at::MemoryFormat::ChannelsLast) for a 4-D tensor: strides of an (N, H, W, C) layout,

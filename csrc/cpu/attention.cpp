@@ -13,7 +13,7 @@ namespace {
 
 // fp32 views with unit stride along the last dim are read in place; other inputs get one fp32 copy.
 Tensor prep(const Tensor& t) {
-  Tensor f = t.scalar_type() == ScalarType::Float ? t : torch::stable::to(t, ScalarType::Float);
+  Tensor f = dtype_of(t) == ScalarType::Float ? t : torch::stable::to(t, ScalarType::Float);
   const int64_t last = f.dim() - 1;
   return (f.stride(last) == 1 || f.size(last) == 1) ? f : torch::stable::contiguous(f);
 }
@@ -78,7 +78,7 @@ static Tensor attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor
       }
     });
   }
-  if (q_in.scalar_type() != ScalarType::Float) out = torch::stable::to(out, q_in.scalar_type());
+  if (dtype_of(q_in) != ScalarType::Float) out = torch::stable::to(out, dtype_of(q_in));
   return out;
 }
 

@@ -17,7 +17,7 @@ namespace ddpm_fast::cpu {
 static std::optional<Tensor> float_param(const std::optional<Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   // Already fp32 and dense (the usual case): skip the to / contiguous dispatcher round trips (~1 us each).
-  if (t->scalar_type() == ScalarType::Float && t->is_contiguous()) return *t;
+  if (dtype_of(*t) == ScalarType::Float && t->is_contiguous()) return *t;
   return torch::stable::contiguous(torch::stable::to(*t, ScalarType::Float));
 }
 
@@ -63,7 +63,7 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
   const float* pw = w ? static_cast<const float*>(w->const_data_ptr()) : nullptr;
   const float* pb = b ? static_cast<const float*>(b->const_data_ptr()) : nullptr;
   const float* pt = t ? static_cast<const float*>(t->const_data_ptr()) : nullptr;
-  const DType dt = kernel_dtype(x.scalar_type(), "group_norm_silu", "x");
+  const DType dt = kernel_dtype(dtype_of(x), "group_norm_silu", "x");
   const int64_t es = static_cast<int64_t>(x.element_size()), G = num_groups, Cg = C / G;
   const char* px = static_cast<const char*>(x.const_data_ptr());
   char* py = static_cast<char*>(y.mutable_data_ptr());
@@ -144,9 +144,13 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
     const int64_t work = N * C * HW;
     int64_t nt = std::min<int64_t>(num_threads(), np);
     if (work < 16384) nt = 1;
+    // One flag per piece, each on its own cache line: a flag is written by the thread that owns the piece and
+    // only read by the others, so taking statistics never bounces a line between cores.
     enum : uint8_t { kFree = 0, kClaimed = 1, kDone = 2 };
-    std::unique_ptr<std::atomic<uint8_t>[]> state(new std::atomic<uint8_t>[np]);
-    for (int64_t i = 0; i < np; ++i) state[i].store(kFree, std::memory_order_relaxed);
+    struct alignas(64) Flag {
+      std::atomic<uint8_t> v{kFree};
+    };
+    std::unique_ptr<Flag[]> state(nt > 1 ? new Flag[np] : nullptr);
     auto stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
@@ -156,15 +160,18 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
     // Statistics of each piece in [t0, t1) that nobody has claimed (split samples only).
     auto claim_stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
+        std::atomic<uint8_t>& f = state[task].v;
         uint8_t expected = kFree;
-        if (!state[task].compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel)) continue;
+        if (f.load(std::memory_order_relaxed) != kFree ||
+            !f.compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel))
+          continue;
         stats(task, task + 1);
-        state[task].store(kDone, std::memory_order_release);
+        f.store(kDone, std::memory_order_release);
       }
     };
     auto wait_done = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task)
-        for (int spins = 0; state[task].load(std::memory_order_acquire) != kDone; ++spins) {
+        for (int spins = 0; state[task].v.load(std::memory_order_acquire) != kDone; ++spins) {
           if (spins < 4000) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();

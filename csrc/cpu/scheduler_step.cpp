@@ -26,12 +26,11 @@ static std::tuple<Tensor, Tensor> run_step(const Tensor& model_output, const Ten
     if (!eps.is_contiguous()) eps = torch::stable::contiguous(eps);
     if (nz && !nz->is_contiguous()) nz = torch::stable::contiguous(*nz);
   }
-  const std::vector<int64_t> strides = x.strides().vec();
-  Tensor prev = alloc_strided(x, x.sizes(), strides), x0 = alloc_strided(x, x.sizes(), strides);
+  Tensor prev = alloc_strided(x, x.sizes(), x.strides()), x0 = alloc_strided(x, x.sizes(), x.strides());
   const int64_t n = x.numel();
   if (n == 0) return {prev, x0};
 
-  const DType dt = kernel_dtype(x.scalar_type(), "scheduler_step", "sample");
+  const DType dt = kernel_dtype(dtype_of(x), "scheduler_step", "sample");
   const int64_t es = static_cast<int64_t>(x.element_size());
   const char* pe = static_cast<const char*>(eps.const_data_ptr());
   const char* px = static_cast<const char*>(x.const_data_ptr());

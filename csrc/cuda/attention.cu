@@ -29,7 +29,7 @@ Strides3 bhs_strides(const Tensor& t) {
 Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, std::optional<double> scale) {
   // Every check throws from host-compiled code (checks.cpp); nothing in this file throws itself.
   ddpm_fast::check_attention(q_in, k_in, v_in, ddpm_fast::DeviceType::CUDA, dk::kAttnMaxD);
-  const auto st = q_in.scalar_type();
+  const auto st = ddpm_fast::dtype_of(q_in);
   const bool three_d = q_in.dim() == 3;
   const int64_t nd = q_in.dim();
   const int64_t B = q_in.size(0), H = three_d ? 1 : q_in.size(1), L = q_in.size(nd - 2), D = q_in.size(nd - 1),

@@ -40,9 +40,9 @@ Tensor group_norm_silu_cuda(const Tensor& x_in, int64_t num_groups, const std::o
   a.weight = w ? w->const_data_ptr() : nullptr;
   a.bias = b ? b->const_data_ptr() : nullptr;
   a.temb = temb ? temb->const_data_ptr() : nullptr;
-  a.w_t = w ? ddpm_fast::kernel_dtype(w->scalar_type(), "group_norm_silu", "weight") : ddpm_fast::DType::F32;
-  a.b_t = b ? ddpm_fast::kernel_dtype(b->scalar_type(), "group_norm_silu", "bias") : ddpm_fast::DType::F32;
-  a.t_t = temb ? ddpm_fast::kernel_dtype(temb->scalar_type(), "group_norm_silu", "temb") : ddpm_fast::DType::F32;
+  a.w_t = w ? ddpm_fast::kernel_dtype(ddpm_fast::dtype_of(*w), "group_norm_silu", "weight") : ddpm_fast::DType::F32;
+  a.b_t = b ? ddpm_fast::kernel_dtype(ddpm_fast::dtype_of(*b), "group_norm_silu", "bias") : ddpm_fast::DType::F32;
+  a.t_t = temb ? ddpm_fast::kernel_dtype(ddpm_fast::dtype_of(*temb), "group_norm_silu", "temb") : ddpm_fast::DType::F32;
   a.temb_sn = temb ? temb->stride(0) : 0;
   a.temb_sc = temb ? temb->stride(1) : 0;
   a.C = C;
@@ -62,7 +62,7 @@ Tensor group_norm_silu_cuda(const Tensor& x_in, int64_t num_groups, const std::o
   };
   const void* px = x.const_data_ptr();
   void* py = y.mutable_data_ptr();
-  switch (ddpm_fast::kernel_dtype(x.scalar_type(), "group_norm_silu", "x")) {
+  switch (ddpm_fast::kernel_dtype(ddpm_fast::dtype_of(x), "group_norm_silu", "x")) {
     case ddpm_fast::DType::F32:
       dk::launch_group_norm<float>(static_cast<const float*>(px), static_cast<float*>(py), a, N, sm, ws_alloc, stream);
       break;

@@ -31,9 +31,8 @@ std::tuple<Tensor, Tensor> run_step(const Tensor& model_output, const Tensor& sa
   std::optional<Tensor> n;
   if (use_noise) n = dense(*noise);
 
-  const std::vector<int64_t> strides = s.strides().vec();
-  Tensor prev = ddpm_fast::alloc_strided(s, s.sizes(), strides);
-  Tensor x0 = ddpm_fast::alloc_strided(s, s.sizes(), strides);
+  Tensor prev = ddpm_fast::alloc_strided(s, s.sizes(), s.strides());
+  Tensor x0 = ddpm_fast::alloc_strided(s, s.sizes(), s.strides());
   if (s.numel() == 0) return {prev, x0};
 
   const int sm = ddpm_fast::cuda::device_attribute(cudaDevAttrMultiProcessorCount, dev, 80);
@@ -45,7 +44,7 @@ std::tuple<Tensor, Tensor> run_step(const Tensor& model_output, const Tensor& sa
         n ? static_cast<const T*>(n->const_data_ptr()) : nullptr, static_cast<T*>(prev.mutable_data_ptr()),
         static_cast<T*>(x0.mutable_data_ptr()), s.numel(), k, table, sm, stream);
   };
-  switch (ddpm_fast::kernel_dtype(s.scalar_type(), "scheduler_step", "sample")) {
+  switch (ddpm_fast::kernel_dtype(ddpm_fast::dtype_of(s), "scheduler_step", "sample")) {
     case ddpm_fast::DType::F32: launch(float{}); break;
     case ddpm_fast::DType::F16: launch(__half{}); break;
     case ddpm_fast::DType::BF16: launch(__nv_bfloat16{}); break;
