@@ -189,24 +189,23 @@ inline bool is_non_overlapping_and_dense(const Tensor& t) {
   return true;
 }
 
-// Strides of a dense tensor of `sizes` in memory format `fmt` (Contiguous, or ChannelsLast for 4-D).
-inline std::vector<int64_t> dense_strides(IntHeaderOnlyArrayRef sizes, MemoryFormat fmt) {
+// Strides of a dense tensor of `sizes` in memory format `fmt` (Contiguous, or ChannelsLast for 4-D), written
+// to st[0..sizes.size()).
+inline void dense_strides(IntHeaderOnlyArrayRef sizes, MemoryFormat fmt, int64_t* st) {
   const size_t n = sizes.size();
-  std::vector<int64_t> st(n);
   auto step = [](int64_t s) { return std::max<int64_t>(s, 1); };
   if (fmt == MemoryFormat::ChannelsLast && n == 4) {
     st[1] = 1;
     st[3] = step(sizes[1]);
     st[2] = st[3] * step(sizes[3]);
     st[0] = st[2] * step(sizes[2]);
-    return st;
+    return;
   }
   int64_t acc = 1;
   for (size_t i = n; i-- > 0;) {
     st[i] = acc;
     acc *= step(sizes[i]);
   }
-  return st;
 }
 
 // ----------------------------------------------------------------------------------------- allocation
@@ -234,8 +233,11 @@ inline Tensor alloc_strided(const Tensor& ref, IntHeaderOnlyArrayRef sizes, IntH
 // Uninitialised dense tensor on `ref`'s device in memory format `fmt`, of `dtype` (default: ref's).
 inline Tensor alloc(const Tensor& ref, IntHeaderOnlyArrayRef sizes, MemoryFormat fmt = MemoryFormat::Contiguous,
                         std::optional<ScalarType> dtype = std::nullopt) {
-  const std::vector<int64_t> st = dense_strides(sizes, fmt);
-  return alloc_strided(ref, sizes, st, dtype);
+  int64_t small[8];
+  std::vector<int64_t> large(sizes.size() > 8 ? sizes.size() : 0);
+  int64_t* st = sizes.size() > 8 ? large.data() : small;
+  dense_strides(sizes, fmt, st);
+  return alloc_strided(ref, sizes, IntHeaderOnlyArrayRef(st, sizes.size()), dtype);
 }
 
 // Same sizes, device and dtype as t, in memory format `fmt`.

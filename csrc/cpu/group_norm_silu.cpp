@@ -78,8 +78,13 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
   // pieces' offsets are small numbers that combine in float; only the per-channel totals go to double.
   std::vector<float> shift(N * C), off(N * nchunks * C), m2(N * nchunks * C);
   if (channels_last) {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) shift[n * C + c] = element_as_float(dt, px, n * HW * C + c);
+    if (dt == DType::F32) {
+      const float* xf = reinterpret_cast<const float*>(px);
+      for (int64_t n = 0; n < N; ++n) std::copy(xf + n * HW * C, xf + n * HW * C + C, &shift[n * C]);
+    } else {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) shift[n * C + c] = element_as_float(dt, px, n * HW * C + c);
+    }
   }
 
   // Per-sample coefficients (Chan's combination; temb is a per-channel shift that moves the mean, not M2):
@@ -130,56 +135,79 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
   };
 
   if (channels_last) {
-    // One parallel region for both passes: participant i owns pieces [i*np/nt, (i+1)*np/nt). A sample whose
-    // pieces one call of `run` owns entirely is done start to finish while its slab is still in L2
-    // (statistics, coefficients, apply). A sample split across calls (batch 1) needs every piece's
-    // statistics before any of it is applied; rather than a second fork/join (these ops take ~10-100 us, a
-    // region costs several us) the calls share that sample's pieces through a claim flag per piece: a call
-    // takes the statistics of its own pieces first, then, before applying its part, of every piece of the
-    // sample nobody has claimed yet, and waits only for pieces another call has claimed and is computing.
-    // A claimed piece is finished by a thread that is running and waits for nothing meanwhile, so the wait
-    // is short and always ends, however torch_parallel_for runs the calls: all at once, one after another
-    // (the first call then takes every piece itself) or as one nested call covering every participant.
+    // One parallel region for both passes: participant i owns pieces [lo(i), lo(i+1)), lo(i) = i*np/nt. A
+    // sample whose pieces one call of `run` owns entirely is done start to finish while its slab is still in
+    // L2 (statistics, coefficients, apply). A sample split across calls (batch 1) needs the statistics of all
+    // its pieces before any of it is applied. Rather than a second fork/join (these ops take ~10-100 us, a
+    // region costs a few us) the participants sharing it hand their statistics over through one claim flag
+    // per participant and split sample: a call first claims and computes its own participants' parts; before
+    // applying, it also claims and computes any part of the sample that nobody has claimed yet, and waits only
+    // for parts another call has claimed and is computing. A claimed part is finished by a thread that is
+    // running and waits for nothing meanwhile, so the wait is short and always ends, however
+    // torch_parallel_for runs the calls: all at once, one after another (the first call then takes every part
+    // itself) or as one nested call covering every participant. (The older design waited on a per-sample
+    // counter, which needed all calls to run at once: an OpenMP team guarantees that, the stable
+    // torch_parallel_for does not.)
     const int64_t np = N * nchunks;
     const int64_t work = N * C * HW;
     int64_t nt = std::min<int64_t>(num_threads(), np);
     if (work < 16384) nt = 1;
-    // One flag per piece, each on its own cache line: a flag is written by the thread that owns the piece and
-    // only read by the others, so taking statistics never bounces a line between cores.
+    auto lo = [&](int64_t i) { return i * np / nt; };
+    // A participant shares at most two samples with others: the one of its first piece (flag 2i) and the one
+    // of its last (flag 2i + 1); each flag on its own cache line, written by the thread that computes that part.
     enum : uint8_t { kFree = 0, kClaimed = 1, kDone = 2 };
     struct alignas(64) Flag {
       std::atomic<uint8_t> v{kFree};
     };
-    std::unique_ptr<Flag[]> state(nt > 1 ? new Flag[np] : nullptr);
+    Flag local_flags[16];  // up to 8 threads without a heap allocation
+    std::unique_ptr<Flag[]> heap_flags(nt > 8 ? new Flag[2 * nt] : nullptr);
+    Flag* flags = nt > 8 ? heap_flags.get() : local_flags;
     auto stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
         k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[n * C], &off[task * C], &m2[task * C]);
       }
     };
-    // Statistics of each piece in [t0, t1) that nobody has claimed (split samples only).
-    auto claim_stats = [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) {
-        std::atomic<uint8_t>& f = state[task].v;
-        uint8_t expected = kFree;
-        if (f.load(std::memory_order_relaxed) != kFree ||
-            !f.compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel))
-          continue;
-        stats(task, task + 1);
-        f.store(kDone, std::memory_order_release);
-      }
+    // Participants whose pieces include some of sample n, and participant i's part of it.
+    auto participants_of = [&](int64_t n, int64_t& j0, int64_t& j1) {
+      j0 = 0;
+      while (lo(j0 + 1) <= n * nchunks) ++j0;
+      j1 = j0;
+      while (j1 < nt && lo(j1) < (n + 1) * nchunks) ++j1;
     };
-    auto wait_done = [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task)
-        for (int spins = 0; state[task].v.load(std::memory_order_acquire) != kDone; ++spins) {
-          if (spins < 4000) {
+    auto part = [&](int64_t i, int64_t n, int64_t& t0, int64_t& t1) {
+      t0 = std::max(lo(i), n * nchunks);
+      t1 = std::min(lo(i + 1), (n + 1) * nchunks);
+      return t0 < t1;
+    };
+    auto flag = [&](int64_t i, int64_t n) -> std::atomic<uint8_t>& {
+      return flags[2 * i + (lo(i) / nchunks == n ? 0 : 1)].v;
+    };
+    // Participant i's statistics of sample n, unless someone has claimed them.
+    auto claim = [&](int64_t i, int64_t n) {
+      int64_t t0, t1;
+      if (!part(i, n, t0, t1)) return;
+      std::atomic<uint8_t>& f = flag(i, n);
+      uint8_t expected = kFree;
+      if (f.load(std::memory_order_relaxed) != kFree ||
+          !f.compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel))
+        return;
+      stats(t0, t1);
+      f.store(kDone, std::memory_order_release);
+    };
+    auto wait_done = [&](int64_t i, int64_t n) {
+      int64_t t0, t1;
+      if (!part(i, n, t0, t1)) return;
+      std::atomic<uint8_t>& f = flag(i, n);
+      for (int spins = 0; f.load(std::memory_order_acquire) != kDone; ++spins) {
+        if (spins < 4000) {
 #if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
+          __builtin_ia32_pause();
 #endif
-          } else {
-            std::this_thread::yield();
-          }
+        } else {
+          std::this_thread::yield();
         }
+      }
     };
     auto apply = [&](int64_t n, int64_t t0, int64_t t1, std::vector<float>& cf) {
       coefs(n, cf.data(), cf.data() + C, cf.data() + 2 * C, cf.data() + 3 * C);
@@ -190,7 +218,7 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
       }
     };
     auto run = [&](int64_t i0, int64_t i1) {
-      const int64_t pc0 = i0 * np / nt, pc1 = i1 * np / nt;
+      const int64_t pc0 = lo(i0), pc1 = lo(i1);
       std::vector<float> cf(5 * C);
       // Segments of [pc0, pc1) by sample; split ones are those not covering their whole sample.
       auto for_segments = [&](auto&& f) {
@@ -200,20 +228,22 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
           t = e;
         }
       };
-      bool any_split = false;
-      for_segments([&](int64_t, int64_t t0, int64_t t1, bool split) {
+      bool has_split = false;
+      for_segments([&](int64_t n, int64_t, int64_t, bool split) {
         if (!split) return;
-        claim_stats(t0, t1);
-        any_split = true;
+        for (int64_t i = i0; i < i1; ++i) claim(i, n);  // our own parts first
+        has_split = true;
       });
       for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
         if (!split) { stats(t0, t1); apply(n, t0, t1, cf); }
       });
-      if (!any_split) return;
+      if (!has_split) return;
       for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
         if (!split) return;
-        claim_stats(n * nchunks, (n + 1) * nchunks);
-        wait_done(n * nchunks, (n + 1) * nchunks);
+        int64_t j0, j1;
+        participants_of(n, j0, j1);
+        for (int64_t j = j0; j < j1; ++j) claim(j, n);  // parts nobody has started
+        for (int64_t j = j0; j < j1; ++j) wait_done(j, n);
         apply(n, t0, t1, cf);
       });
     };
