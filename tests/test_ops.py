@@ -502,6 +502,32 @@ def test_real_extension_reports_its_build():
     assert _native.has_cuda() == (torch.version.cuda is not None and bool(c.cuda_library) and _native.cuda_error() is None)
 
 
+_SERIAL_CHUNKS_CHECK = """
+import torch, torch.nn.functional as F
+import ddpm_fast.ops  # noqa: F401
+for threads in (2, 3):
+    torch.set_num_threads(threads)
+    for shape in [(1, 128, 32, 32), (1, 64, 9, 7), (3, 96, 16, 16), (5, 32, 8, 8)]:
+        g = torch.Generator().manual_seed(sum(shape))
+        x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        t = torch.randn(shape[:2], generator=g)
+        y = torch.ops.ddpm_fast.group_norm_silu(x, 16, None, None, 1e-5, t, True)
+        ref = F.silu(F.group_norm((x + t[:, :, None, None]).double(), 16, eps=1e-5))
+        assert (y.double() - ref).abs().max() < 1e-5, (threads, shape)
+print("ok")
+"""
+
+
+@native
+def test_group_norm_channels_last_needs_no_concurrent_chunks():
+    """torch's stable parallel_for may run its chunks one after another; with DDPM_FAST_SERIAL_CHUNKS=1 the glue
+    does exactly that, and channels_last GroupNorm of samples split between chunks must still finish (a
+    barrier waiting for the other chunk would hang here) and be right."""
+    res = subprocess.run([sys.executable, "-c", _SERIAL_CHUNKS_CHECK], env={**os.environ, "DDPM_FAST_SERIAL_CHUNKS": "1"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 def test_autograd_uses_composite_and_gradients_flow():
     x = torch.randn(1, 8, 3, 3, requires_grad=True)
     w = torch.ones(8, requires_grad=True)
