@@ -1,8 +1,9 @@
 """Residual block and resampling layers of UNet2DModel, mirroring diffusers 0.42.1 op for op.
 
 ``ResnetBlock2D`` has two paths: the reference path (nn.GroupNorm, activation, convs exactly as diffusers)
-and, when :func:`ddpm_fast.backend.use_fused` is on and no gradient is needed, a fused path that runs
-GroupNorm + SiLU (and the time-embedding add before ``norm2``) as one :func:`ddpm_fast.ops.group_norm_silu`.
+and, where :func:`ddpm_fast.fast_path.use_fused` allows it, a fused path that runs GroupNorm + SiLU (and the
+time-embedding add before ``norm2``) as one :func:`ddpm_fast.ops.group_norm_silu` and folds the residual add and
+the output scale into ``conv2``.
 """
 
 from __future__ import annotations
@@ -11,21 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..backend import use_fused
+from .. import fast_path, ops
 from .conv import Conv2d
 from .embeddings import get_activation
 
 FIR_KERNEL = (1, 3, 3, 1)
-
-
-def fused_path_allowed(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module`` may run its fused kernels: fused backend selected and no autograd graph needed."""
-    if not use_fused():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
-        return False
-    return True
 
 
 def make_group_norm(num_groups: int, num_channels: int, eps: float, where: str) -> nn.GroupNorm:
@@ -301,7 +292,7 @@ class ResnetBlock2D(nn.Module):
         return self.conv2.forward_fused(hidden_states, other=input_tensor, output_scale=self.output_scale_factor)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(self.nonlinearity, nn.SiLU) and fused_path_allowed(self, input_tensor):
+        if isinstance(self.nonlinearity, nn.SiLU) and fast_path.use_fused(input_tensor, self):
             return self._forward_fused(input_tensor, temb)
         return self._forward_reference(input_tensor, temb)
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conv import Conv2d
-from .. import ops
+from .. import fast_path, ops
 from ..configuration import ConfigMixin, register_to_config
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling_utils import ModelMixin
-from .resnet import fused_path_allowed, make_group_norm
+from .conv import Conv2d
+from .resnet import make_group_norm
 from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 
 from ..utils.outputs import BaseOutput
@@ -35,8 +35,8 @@ class UNet2DModel(ModelMixin, ConfigMixin):
     """A 2-D UNet mapping a noisy sample and a timestep to a sample-shaped output.
 
     Every config key of diffusers' ``UNet2DModel`` is accepted with the same meaning and default; the
-    parameters carry diffusers' names, so checkpoints load in either library.  See
-    ``/work/shared/reference/diffusers-compat.md`` or diffusers' documentation for each key.
+    parameters carry diffusers' names, so checkpoints load in either library.  See diffusers' ``UNet2DModel``
+    documentation for each key.
     """
 
     config_name = "config.json"
@@ -270,7 +270,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self._check_sample(sample)
         # Fused path: activations run channels_last (packed oneDNN convs on the CPU produce it; on CUDA the
         # input is converted once here); the output comes back in the input's memory format.
-        fused = fused_path_allowed(self, sample)
+        fused = fast_path.use_fused(sample, self)
         input_is_nchw = sample.is_contiguous()
         if fused and sample.device.type == "cuda" and sample.shape[1] > 1:
             sample = sample.contiguous(memory_format=torch.channels_last)
@@ -322,7 +322,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
         # 6. post-process
         norm = self.conv_norm_out
-        if fused_path_allowed(norm, sample):
+        if fused:
             sample = ops.group_norm_silu(sample, norm.num_groups, norm.weight, norm.bias, norm.eps)
         else:
             sample = self.conv_act(norm(sample))
