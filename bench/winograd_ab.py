@@ -21,7 +21,6 @@ import torch
 
 import ddpm_fast
 from ddpm_fast.bench.sample import ARCHS
-from ddpm_fast.models import conv as conv_mod
 
 
 def main(argv=None) -> int:
@@ -43,24 +42,18 @@ def main(argv=None) -> int:
     t = torch.full((args.batch,), 500)
 
     def forward(model, on):
-        if on:
-            conv_mod.enable_winograd(True)
-        else:  # the baseline
-            conv_mod.enable_winograd(base == "f2", max_tile=2)
-        start = time.perf_counter()
-        out = model(x, t).sample
-        return time.perf_counter() - start, out
+        with ddpm_fast.winograd(4 if on else 2 if base == "f2" else 0):
+            start = time.perf_counter()
+            out = model(x, t).sample
+            return time.perf_counter() - start, out
 
     times = {"winograd": [], base: []}
-    try:
-        with torch.inference_mode():
-            _, y_w = forward(winograd, True)  # warm-up: prepares the weights
-            _, y_p = forward(baseline, False)
-            for _ in range(args.rounds):
-                times["winograd"].append(forward(winograd, True)[0])
-                times[base].append(forward(baseline, False)[0])
-    finally:
-        conv_mod.enable_winograd(True)
+    with torch.inference_mode():
+        _, y_w = forward(winograd, True)  # warm-up: prepares the weights
+        _, y_p = forward(baseline, False)
+        for _ in range(args.rounds):
+            times["winograd"].append(forward(winograd, True)[0])
+            times[base].append(forward(baseline, False)[0])
     result = {
         "arch": args.arch, "batch": args.batch, "rounds": args.rounds, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "baseline": base,
