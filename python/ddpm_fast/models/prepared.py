@@ -21,6 +21,7 @@ and anything that is not a plain ``nn.Parameter`` (parametrised weights are reco
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -34,6 +35,7 @@ __all__ = ["PreparedCache", "TrackedParameter", "module_signature", "trackable"]
 
 T = TypeVar("T")
 _DATA = torch._C.TensorBase.data  # the descriptor nn.Parameter inherits
+_PARAMETER_NEW = nn.Parameter.__new__.__code__
 _warned_inference = False
 
 
@@ -49,6 +51,14 @@ class TrackedParameter(nn.Parameter):
     @data.setter
     def data(self, value: torch.Tensor) -> None:
         _DATA.__set__(self, value)
+
+    def detach(self) -> torch.Tensor:
+        out = super().detach()
+        # nn.Parameter(p) of a Parameter subclass (torch's weight_norm does it) requires p.detach() to keep p's type;
+        # everywhere else a detached parameter is a plain tensor, as usual.
+        if sys._getframe(1).f_code is _PARAMETER_NEW:
+            out.__class__ = TrackedParameter
+        return out
 
 
 def trackable(t: torch.Tensor | None) -> bool:
