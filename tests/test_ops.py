@@ -171,6 +171,121 @@ def test_scheduler_step_matches_reference(fmt, dtype, shape):
             assert prev.stride() == x.stride()
 
 
+# Rows of (a_x, a_e, c0, c1, c2, noise_scale): the last has no noise term.
+STEP_TABLE = [(1.3, -0.4, 0.6, 0.35, 0.05, 0.2), (1.02, -0.2, 0.9, 0.1, 0.0, 0.07), (3.1, -2.9, 0.25, 0.7, -0.1, 0.5),
+              (1.0, -0.01, 0.99, 0.0, 0.0, 0.0)]
+
+
+def _step_table(rows=STEP_TABLE, layout="contiguous"):
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t.t().contiguous().t() if layout == "column_major" else t  # strides (1, T): read through its strides
+
+
+@native
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 7, 5), (1, 1, 1, 1), (3, 5, 3, 1)], ids=str)
+def test_scheduler_step_table_matches_reference(fmt, dtype, shape):
+    """Row index[0] of the table gives exactly scheduler_step with those coefficients (the same kernel), and the
+    Python formula within the usual rule; a row noise_scale of 0 drops the noise term even when noise is given."""
+    g = torch.Generator().manual_seed(11)
+    e, x, n = (_layout(torch.randn(shape, generator=g).to(dtype), fmt) for _ in range(3))
+    op = torch.ops.ddpm_fast
+    for layout in ("contiguous", "column_major"):
+        table = _step_table(layout=layout)
+        for i, row in enumerate(STEP_TABLE):
+            coefs = tuple(float(v) for v in table[i])  # the float32 values the kernel reads
+            for noise, clip in [(n, 1.0), (None, None), (n, None)]:
+                for index in (torch.tensor([i]), torch.tensor(i)):  # (1,) or 0-dim: one int64 element
+                    prev, x0 = op.scheduler_step_table(e, x, noise, table, index, clip)
+                    want = op.scheduler_step(e, x, noise, *coefs, clip)
+                    assert prev.dtype == dtype and prev.shape == x.shape
+                    torch.testing.assert_close(prev, want[0], rtol=0, atol=0)
+                    torch.testing.assert_close(x0, want[1], rtol=0, atol=0)
+                used = noise if coefs[5] != 0.0 else None
+                rp, r0 = _step_ref(e.double(), x.double(), None if used is None else used.double(), *coefs, clip)
+                sp, s0 = _step_ref(e, x, used, *coefs, clip)
+                _assert_close_rule(prev, sp, rp, dtype, f"prev row {i}")
+                _assert_close_rule(x0, s0, r0, dtype, f"x0 row {i}")
+                if fmt == "channels_last":
+                    assert prev.stride() == x.stride() and x0.stride() == x.stride()
+
+
+@native
+def test_scheduler_step_table_zero_noise_scale_skips_the_noise_and_layouts():
+    x = torch.randn(2, 3, 6, 5)
+    nan_noise = torch.full_like(x, float("nan"))
+    table, last = _step_table(), torch.tensor([len(STEP_TABLE) - 1])
+    prev, x0 = torch.ops.ddpm_fast.scheduler_step_table(x, x, nan_noise, table, last, None)
+    assert torch.isfinite(prev).all() and torch.isfinite(x0).all()
+    # Noise given in another layout counts for the layout even when its row scale is 0 (the fake cannot see it).
+    cl = x.contiguous(memory_format=torch.channels_last)
+    prev, _ = torch.ops.ddpm_fast.scheduler_step_table(cl, cl, x, table, last, None)
+    assert prev.is_contiguous()
+    prev, _ = torch.ops.ddpm_fast.scheduler_step_table(cl, cl, None, table, last, None)
+    assert prev.stride() == cl.stride()
+    empty = torch.empty(0, 3, 4, 4)
+    prev, x0 = torch.ops.ddpm_fast.scheduler_step_table(empty, empty, None, table, torch.tensor([0]), None)
+    assert prev.shape == empty.shape and x0.shape == empty.shape
+
+
+@native
+def test_scheduler_step_table_bad_inputs():
+    x = torch.randn(2, 3, 4, 4)
+    table, i = _step_table(), torch.tensor([1])
+    op = torch.ops.ddpm_fast.scheduler_step_table
+    cases = [
+        (lambda: op(x, x, None, table, torch.tensor([4]), None), "index 4 is out of range for a coefs table of 4 rows"),
+        (lambda: op(x, x, None, table, torch.tensor([-1]), None), "index -1 is out of range"),
+        (lambda: op(x, x, None, table.double(), i, None), "coefs has dtype Double; expected float32"),
+        (lambda: op(x, x, None, table[:, :5], i, None), r"coefs must be a \(T, 6\) table"),
+        (lambda: op(x, x, None, table[:0], i, None), r"coefs must be a \(T, 6\) table"),
+        (lambda: op(x, x, None, table[0], i, None), r"coefs must be a \(T, 6\) table"),
+        (lambda: op(x, x, None, table, i.int(), None), "index has dtype Int; expected int64"),
+        (lambda: op(x, x, None, table, torch.tensor([1, 2]), None), "index must have exactly one element"),
+        (lambda: op(x, x[:1], None, table, i, None), "model_output has shape"),
+        (lambda: op(x, x, x[:1], table, i, None), "noise has shape"),
+        (lambda: op(x, x.half(), None, table, i, None), "model_output has dtype Float but sample has dtype Half"),
+        (lambda: op(x.int(), x.int(), None, table, i, None), "sample has dtype Int"),
+        (lambda: op(x, x, None, table, i, -1.0), "clip_range must be >= 0"),
+        # Another device (meta stands in for one): the dispatcher runs the fake kernel, which words it as the
+        # real kernels do.
+        (lambda: op(x, x, None, table.to("meta"), i, None),
+         r"scheduler_step_table: coefs is on meta but sample is on cpu \(all tensors must be on one device\)"),
+        (lambda: op(x, x, None, table, i.to("meta"), None), "index is on meta but sample is on cpu"),
+        (lambda: op(x.to("meta"), x.to("meta"), None, table, i, None), "coefs is on cpu but sample is on meta"),
+    ]
+    for fn, text in cases:
+        with pytest.raises(RuntimeError, match=text):
+            fn()
+
+
+@native
+def test_scheduler_step_table_opcheck_and_compile():
+    torch.manual_seed(0)
+    e, s, n = torch.randn(3, 2, 3, 5, 4).unbind(0)
+    table = _step_table()
+    op = torch.ops.ddpm_fast.scheduler_step_table.default
+    for ee, ss, nn in [(e, s, n), tuple(t.contiguous(memory_format=torch.channels_last) for t in (e, s, n)),
+                       (e.transpose(2, 3), s.transpose(2, 3).contiguous(), None)]:
+        for i in (0, 3):
+            torch.library.opcheck(op, (ee, ss, nn, table, torch.tensor([i]), 1.0))
+            torch.library.opcheck(op, (ee, ss, nn, _step_table(layout="column_major"), torch.tensor(i), None))
+    torch._dynamo.reset()
+    idx = torch.tensor([0])
+
+    def loop(x, eps, noise):
+        for _ in range(3):  # the caller advances the index in place between steps
+            x, _ = torch.ops.ddpm_fast.scheduler_step_table(eps, x, noise, table, idx, 1.0)
+            idx.add_(1)
+        return x
+
+    eager = loop(s, e, n)
+    idx.zero_()
+    compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")(s, e, n)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- opcheck / compile
 
 
@@ -253,16 +368,108 @@ def test_bad_inputs_raise_clear_errors():
 # ---------------------------------------------------------------------------------------------- loader / fallback
 
 
-def test_version_mismatch_message_names_both_versions(monkeypatch):
-    fake = types.SimpleNamespace(torch_version="1.2.3", with_cuda=False)
-    monkeypatch.setattr(_native.importlib, "import_module", lambda name: fake)
-    monkeypatch.setattr(_native, "_tried", False)
-    monkeypatch.setattr(_native, "_module", None)
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """`use(c, info)`: _native as if nothing had been loaded yet, with importing ddpm_fast._C returning (or
+    raising) `c` and ddpm_fast._build_info returning `info` (None: not installed). Everything is restored after."""
     monkeypatch.delenv("DDPM_FAST_DISABLE_NATIVE", raising=False)
+
+    def use(c, info=None):
+        for name, value in [("_tried", False), ("_module", None), ("_error", None), ("_cuda_loaded", False),
+                            ("_cuda_error", None)]:
+            monkeypatch.setattr(_native, name, value)
+        imported = []
+
+        def import_module(name):
+            imported.append(name)
+            target = c if name == "ddpm_fast._C" else info
+            if isinstance(target, BaseException):
+                raise target
+            if target is None:
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return target
+
+        monkeypatch.setattr(_native.importlib, "import_module", import_module)
+        return imported
+
+    return use
+
+
+def _fake_c(**kw):
+    attrs = dict(torch_version="2.10.0+cpu", target_version="2.10.0", cuda_library="", cuda_version="",
+                 limits={"cuda_attention_max_head_dim": 512}, cpu_isa=lambda: "AVX2", __file__=__file__)
+    return types.SimpleNamespace(**{**attrs, **kw})
+
+
+def test_version_mismatch_message_names_both_versions(fresh_loader):
+    """The stable-ABI rule: a torch older than the build's target is refused, naming the installed torch and the
+    build's versions; any newer torch (patch, +cpu/+cu suffixes included) is accepted."""
+    fresh_loader(_fake_c(torch_version="99.1.0", target_version="99.0.0"))
     with pytest.raises(_native.NativeExtensionError) as info:
         _native.load()
-    assert "1.2.3" in str(info.value) and torch.__version__ in str(info.value)
-    assert not _native.available() and not _native.has_cuda()
+    msg = str(info.value)
+    assert "99.0.0" in msg and "99.1.0" in msg and torch.__version__ in msg, msg
+    assert not _native.available() and not _native.has_cuda() and _native.load_error() == msg
+
+
+@pytest.mark.parametrize("built", ["2.10.0", "2.10.0+cu130", "1.2.3"])
+def test_newer_torch_than_the_build_is_accepted(fresh_loader, built):
+    fake = _fake_c(torch_version=built, target_version="2.10.0")
+    fresh_loader(fake, info=types.SimpleNamespace(torch_version=built, target_version="2.10.0"))
+    assert _native.load() is fake and _native.available() and _native.load_error() is None
+    assert _native.target_version() == "2.10.0" and _native.limits() == {"cuda_attention_max_head_dim": 512}
+    assert _native.cpu_isa() == "AVX2"
+
+
+def test_older_torch_is_refused_before_importing_the_extension(fresh_loader):
+    """_build_info (written at build time) lets the refusal happen, and name both versions, without loading _C."""
+    imported = fresh_loader(ImportError("must not be imported"),
+                            info=types.SimpleNamespace(torch_version="99.3.1", target_version="99.2.0"))
+    assert not _native.available()
+    msg = _native.load_error()
+    assert "99.2.0" in msg and "99.3.1" in msg and torch.__version__ in msg, msg
+    assert "ddpm_fast._C" not in imported and _native.target_version() == "99.2.0"
+
+
+def test_missing_and_broken_builds_are_explained(fresh_loader):
+    fresh_loader(None)  # no _C, no _build_info: installed without the extension
+    assert not _native.available() and "missing" in _native.load_error() and "reinstall" in _native.load_error()
+    fresh_loader(ImportError("undefined symbol: aoti_torch_new_thing"),
+                 info=types.SimpleNamespace(torch_version="2.11.0+cu130", target_version="2.10.0"))
+    msg = _native.load_error()
+    assert "undefined symbol: aoti_torch_new_thing" in msg and "2.11.0+cu130" in msg and torch.__version__ in msg, msg
+    fresh_loader(types.SimpleNamespace(torch_version="2.5.1", with_cuda=False))  # a pre-stable-ABI build
+    assert "2.5.1" in _native.load_error() and torch.__version__ in _native.load_error()
+
+
+def test_cuda_library_failure_leaves_the_cpu_kernels_and_is_warned_once(fresh_loader, monkeypatch, tmp_path):
+    bad = tmp_path / "libddpm_fast_cuda.so"
+    bad.write_bytes(b"not a shared library")
+    fresh_loader(_fake_c(cuda_library=bad.name, cuda_version="13.0", __file__=str(tmp_path / "_C.so")))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.warns(RuntimeWarning, match="CUDA kernels") as record:
+        assert _native.available()
+        assert _native.available() and not _native.has_cuda()
+    assert len(record) == 1
+    assert str(bad) in _native.cuda_error() or bad.name in _native.cuda_error()
+    assert _native.load_error() is None
+
+
+def test_cpu_only_torch_or_build_has_no_cuda_kernels(fresh_loader, monkeypatch):
+    fresh_loader(_fake_c())
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA torch, but this build has no CUDA library
+    assert _native.available() and not _native.has_cuda()
+    assert "no CUDA kernels" in _native.cuda_error()
+
+
+@native
+def test_real_extension_reports_its_build():
+    c = _native.load()
+    assert _native.target_version() == c.target_version == "2.10.0"
+    assert _native._version_tuple(torch.__version__) >= (2, 10, 0) and isinstance(c.torch_version, str)
+    assert _native.limits()["cuda_attention_max_head_dim"] == 512
+    assert _native.cpu_isa() in ("AVX2", "DEFAULT")
+    assert _native.has_cuda() == (torch.version.cuda is not None and bool(c.cuda_library) and _native.cuda_error() is None)
 
 
 def test_autograd_uses_composite_and_gradients_flow():

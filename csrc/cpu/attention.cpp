@@ -1,8 +1,7 @@
 // CPU attention: accepts (B, H, L, D) / (B, L, D) views with any strides (unit last-dim stride is used in
 // place; anything else is copied) and runs (batch, head, query block) tasks in parallel: GEMM, fused softmax,
 // GEMM.
-#include <c10/core/InferenceMode.h>
-
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -10,54 +9,79 @@
 
 namespace ddpm_fast::cpu {
 
-static at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                std::optional<double> scale) {
-  check_attention(q_in, k_in, v_in, c10::DeviceType::CPU);
+namespace {
+
+// fp32 views with unit stride along the last dim are read in place; other inputs get one fp32 copy.
+Tensor prep(const Tensor& t) {
+  Tensor f = t.scalar_type() == ScalarType::Float ? t : torch::stable::to(t, ScalarType::Float);
+  const int64_t last = f.dim() - 1;
+  return (f.stride(last) == 1 || f.size(last) == 1) ? f : torch::stable::contiguous(f);
+}
+
+// Sizes and element strides of a 3-D or 4-D operand as (batch, head, row, col); 3-D has one head.
+struct Layout4 {
+  int64_t size[4], stride[4];
+  explicit Layout4(const Tensor& t) {
+    const bool three = t.dim() == 3;
+    for (int d = 0, s = 0; d < 4; ++d) {
+      if (three && d == 1) {
+        size[d] = 1;
+        stride[d] = 0;
+        continue;
+      }
+      size[d] = t.size(s);
+      stride[d] = t.stride(s);
+      ++s;
+    }
+  }
+  int64_t offset(int64_t b, int64_t h, int64_t row) const { return b * stride[0] + h * stride[1] + row * stride[2]; }
+};
+
+}  // namespace
+
+static Tensor attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, std::optional<double> scale) {
+  check_attention(q_in, k_in, v_in, DeviceType::CPU);
   const bool three = q_in.dim() == 3;
-  const at::Tensor q = three ? q_in.unsqueeze(1) : q_in, k = three ? k_in.unsqueeze(1) : k_in,
-                   v = three ? v_in.unsqueeze(1) : v_in;
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
+  const Tensor qf = prep(q_in), kf = prep(k_in), vf = prep(v_in);
+  const Layout4 ql(qf), kl(kf), vl(vf);
+  const int64_t B = ql.size[0], H = ql.size[1], L = ql.size[2], D = ql.size[3], S = kl.size[2], Dv = vl.size[3];
   const float sc = scale.has_value() ? float(*scale) : float(1.0 / std::sqrt(double(D)));
 
-  // fp32 views with unit stride along the last dim are read in place; other inputs get one fp32 copy.
-  auto prep = [](const at::Tensor& t) {
-    at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-    return (f.stride(3) == 1 || f.size(3) == 1) ? f : f.contiguous();
-  };
-  const at::Tensor qf = prep(q), kf = prep(k), vf = prep(v);
-  at::Tensor out = at::empty({B, H, L, Dv}, q.options().dtype(at::kFloat));
+  const std::vector<int64_t> out_sizes = three ? std::vector<int64_t>{B, L, Dv} : std::vector<int64_t>{B, H, L, Dv};
+  Tensor out = alloc(qf, out_sizes, MemoryFormat::Contiguous, ScalarType::Float);
   if (out.numel() > 0) {
     // Per (batch, head, query block): scores = Q_blk K^T and out_blk = softmax(scale * scores) V as two BLAS
-    // GEMMs (MKL/oneDNN via at::mm_out, single-threaded inside our parallel region, reading the strided
-    // views in place) around a fused vectorised softmax; the [rows, S] score block stays in L2. At the
-    // UNet's S <= 1024 the whole key range fits, so no online rescaling is needed. Query blocks are sized so
-    // batch 1 still gives every thread a block, and capped so the score block stays cache-sized.
+    // GEMMs (torch's CPU GEMM through aoti_torch_cpu_mm_out, single-threaded inside our parallel region,
+    // reading the strided views in place) around a fused vectorised softmax; the [rows, S] score block stays
+    // in L2. At the UNet's S <= 1024 the whole key range fits, so no online rescaling is needed. Query blocks
+    // are sized so batch 1 still gives every thread a block, and capped so the score block stays cache-sized.
+    // The GEMM shim needs no InferenceMode guard in the worker threads (see stable_compat.h).
     const auto& kern = kernels();
-    const int64_t threads = at::get_num_threads();
+    const int64_t threads = num_threads();
     const int64_t want_blocks = std::max<int64_t>(1, (threads + B * H - 1) / (B * H));
     int64_t bq = (L + want_blocks - 1) / want_blocks;
     bq = std::max<int64_t>(1, std::min<int64_t>({bq, 256, std::max<int64_t>(8, (512 * 1024) / (4 * S))}));
     const int64_t nqb = (L + bq - 1) / bq;
-    at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
-      // Worker threads do not inherit the caller's InferenceMode; without it, writing into `out` (an
-      // inference tensor when the caller runs under torch.inference_mode) through at::mm_out is refused.
-      c10::InferenceMode inference_guard;
-      at::Tensor scores = at::empty({bq, S}, out.options());
+    parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+      Tensor scores = alloc(out, {bq, S});
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t bh = task / nqb, qb = task % nqb, bi = bh / H, hi = bh % H;
         const int64_t q0 = qb * bq, rows = std::min(L, q0 + bq) - q0;
-        at::Tensor s = scores.narrow(0, 0, rows);
-        at::mm_out(s, qf[bi][hi].narrow(0, q0, rows), kf[bi][hi].t());
-        kern.softmax_rows(s.data_ptr<float>(), rows, S, S, sc);
-        at::Tensor o = out[bi][hi].narrow(0, q0, rows);
-        at::mm_out(o, s, vf[bi][hi]);
+        const Tensor s = strided_view(scores, {rows, S}, {S, 1}, 0);
+        const Tensor qv = strided_view(qf, {rows, D}, {ql.stride[2], ql.stride[3]}, ql.offset(bi, hi, q0));
+        const Tensor kt = strided_view(kf, {D, S}, {kl.stride[3], kl.stride[2]}, kl.offset(bi, hi, 0));
+        mm_out_cpu(s, qv, kt);
+        kern.softmax_rows(static_cast<float*>(s.mutable_data_ptr()), rows, S, S, sc);
+        const Tensor vv = strided_view(vf, {S, Dv}, {vl.stride[2], vl.stride[3]}, vl.offset(bi, hi, 0));
+        const Tensor o = strided_view(out, {rows, Dv}, {Dv, 1}, ((bi * H + hi) * L + q0) * Dv);
+        mm_out_cpu(o, s, vv);
       }
     });
   }
-  if (q.scalar_type() != at::kFloat) out = out.to(q.scalar_type());
-  return three ? out.squeeze(1) : out;
+  if (q_in.scalar_type() != ScalarType::Float) out = torch::stable::to(out, q_in.scalar_type());
+  return out;
 }
 
 }  // namespace ddpm_fast::cpu
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("attention", &ddpm_fast::cpu::attention_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("attention", TORCH_BOX(&ddpm_fast::cpu::attention_cpu)); }

@@ -1,11 +1,10 @@
 // Picks the kernel table for the running CPU once: AVX2+FMA objects when the CPU has them, else the
-// baseline x86-64 build. DDPM_FAST_CPU_ISA=default|avx2 forces one (tests use it to cover both).
+// baseline build. DDPM_FAST_CPU_ISA=default|avx2 forces one (tests use it to cover both).
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
-#include <c10/util/Exception.h>
-
+#include "checks.h"
 #include "cpu/kernels.h"
 
 namespace ddpm_fast::cpu {
@@ -24,12 +23,13 @@ static const Kernels& select() {
   const std::string want = env ? env : "";
   if (want == "default" || want == "DEFAULT") return DEFAULT::table();
   if (want == "avx2" || want == "AVX2") {
-    TORCH_CHECK(cpu_has_avx2(), "DDPM_FAST_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    DDPM_FAST_CHECK(cpu_has_avx2(), "DDPM_FAST_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
 #ifndef DDPM_FAST_NO_AVX2
     return AVX2::table();
 #endif
   }
-  TORCH_CHECK(want.empty() || want == "auto", "DDPM_FAST_CPU_ISA must be auto, default or avx2, got '", want, "'");
+  DDPM_FAST_CHECK(want.empty() || want == "auto", "DDPM_FAST_CPU_ISA must be auto, default or avx2, got '", want,
+                  "'");
 #ifndef DDPM_FAST_NO_AVX2
   if (cpu_has_avx2()) return AVX2::table();
 #endif

@@ -1,43 +1,70 @@
 // CPU GroupNorm (+ time-embedding add, + SiLU) in two passes: per-channel statistics over
 // cache-sized pieces (shifted two-pass mean / M2, combined per group with Chan's formula in double), then one
 // fused multiply-add + SiLU writing the output. NCHW works per channel row, channels_last per chunk of pixels.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <memory>
-#include <thread>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "cpu/common.h"
 
 namespace ddpm_fast::cpu {
 
-static at::Tensor float_param(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return at::Tensor();
-  // Already fp32 and dense (the usual case): skip the .to/.contiguous dispatcher round trips (~1 us each).
-  if (t->scalar_type() == at::kFloat && t->is_contiguous()) return *t;
-  return t->to(at::kFloat).contiguous();
+static std::optional<Tensor> float_param(const std::optional<Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  // Already fp32 and dense (the usual case): skip the to / contiguous dispatcher round trips (~1 us each).
+  if (t->scalar_type() == ScalarType::Float && t->is_contiguous()) return *t;
+  return torch::stable::contiguous(torch::stable::to(*t, ScalarType::Float));
 }
 
-static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
-                                      const std::optional<at::Tensor>& bias, double eps,
-                                      const std::optional<at::Tensor>& temb, bool silu) {
-  TORCH_CHECK(x_in.dim() == 4, "group_norm_silu: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D shape ",
-              x_in.sizes());
-  check_group_norm_silu(x_in, num_groups, weight, bias, eps, temb, c10::DeviceType::CPU);
+// Element i of a bf16 / fp16 / fp32 buffer as float (exact).
+static float element_as_float(DType dt, const void* p, int64_t i) {
+  if (dt == DType::F32) return static_cast<const float*>(p)[i];
+  uint16_t h;
+  std::memcpy(&h, static_cast<const char*>(p) + 2 * i, 2);
+  uint32_t u;
+  if (dt == DType::BF16) {
+    u = uint32_t(h) << 16;
+  } else {  // IEEE half
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    if (exp == 0x1F) {
+      u = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+      u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else {
+      float f = std::ldexp(float(man), -24);  // zero or subnormal
+      std::memcpy(&u, &f, 4);
+      u |= sign;
+    }
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const std::optional<Tensor>& weight,
+                                  const std::optional<Tensor>& bias, double eps, const std::optional<Tensor>& temb,
+                                  bool silu) {
+  DDPM_FAST_CHECK(x_in.dim() == 4, "group_norm_silu: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D shape ",
+                  sizes_str(x_in.sizes()));
+  check_group_norm_silu(x_in, num_groups, weight, bias, eps, temb, DeviceType::CPU);
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
 
-  const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const bool channels_last = !x_in.is_contiguous() && is_channels_last_contiguous(x_in);
+  const Tensor x = channels_last || x_in.is_contiguous() ? x_in : torch::stable::contiguous(x_in);
+  Tensor y = alloc_like(x, channels_last ? MemoryFormat::ChannelsLast : MemoryFormat::Contiguous);
   if (x.numel() == 0) return y;
 
-  const at::Tensor w = float_param(weight), b = float_param(bias), t = float_param(temb);
-  const float* pw = w.defined() ? w.const_data_ptr<float>() : nullptr;
-  const float* pb = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  const float* pt = t.defined() ? t.const_data_ptr<float>() : nullptr;
-  const DType dt = to_kernel_dtype(x.scalar_type());
-  const int64_t es = x.element_size(), G = num_groups, Cg = C / G;
+  const std::optional<Tensor> w = float_param(weight), b = float_param(bias), t = float_param(temb);
+  const float* pw = w ? static_cast<const float*>(w->const_data_ptr()) : nullptr;
+  const float* pb = b ? static_cast<const float*>(b->const_data_ptr()) : nullptr;
+  const float* pt = t ? static_cast<const float*>(t->const_data_ptr()) : nullptr;
+  const DType dt = kernel_dtype(x.scalar_type(), "group_norm_silu", "x");
+  const int64_t es = static_cast<int64_t>(x.element_size()), G = num_groups, Cg = C / G;
   const char* px = static_cast<const char*>(x.const_data_ptr());
   char* py = static_cast<char*>(y.mutable_data_ptr());
   const auto& k = kernels();
@@ -51,13 +78,8 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
   // pieces' offsets are small numbers that combine in float; only the per-channel totals go to double.
   std::vector<float> shift(N * C), off(N * nchunks * C), m2(N * nchunks * C);
   if (channels_last) {
-    if (dt == DType::F32) {
-      const float* xf = x.const_data_ptr<float>();
-      for (int64_t n = 0; n < N; ++n) std::copy(xf + n * HW * C, xf + n * HW * C + C, &shift[n * C]);
-    } else {
-      const at::Tensor first = x.select(3, 0).select(2, 0).to(at::kFloat).contiguous();
-      std::copy(first.const_data_ptr<float>(), first.const_data_ptr<float>() + N * C, shift.begin());
-    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) shift[n * C + c] = element_as_float(dt, px, n * HW * C + c);
   }
 
   // Per-sample coefficients (Chan's combination; temb is a per-channel shift that moves the mean, not M2):
@@ -110,23 +132,47 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
   if (channels_last) {
     // One parallel region for both passes: participant i owns pieces [i*np/nt, (i+1)*np/nt). A sample whose
     // pieces one call of `run` owns entirely is done start to finish while its slab is still in L2
-    // (statistics, coefficients, apply). A sample split across calls (batch 1) only has its statistics taken
-    // first; after its whole samples, the call waits until that sample's pending-piece counter reaches zero
-    // (not a second fork/join: these ops take ~10-100 us, a region costs several us) and then applies its
-    // part. Counting per sample keeps this correct however at::parallel_for groups participants into calls;
-    // it needs the calls to run at once, which an OpenMP team guarantees (a serial, nested run is one call
-    // covering every participant and never waits).
+    // (statistics, coefficients, apply). A sample split across calls (batch 1) needs every piece's
+    // statistics before any of it is applied; rather than a second fork/join (these ops take ~10-100 us, a
+    // region costs several us) the calls share that sample's pieces through a claim flag per piece: a call
+    // takes the statistics of its own pieces first, then, before applying its part, of every piece of the
+    // sample nobody has claimed yet, and waits only for pieces another call has claimed and is computing.
+    // A claimed piece is finished by a thread that is running and waits for nothing meanwhile, so the wait
+    // is short and always ends, however torch_parallel_for runs the calls: all at once, one after another
+    // (the first call then takes every piece itself) or as one nested call covering every participant.
     const int64_t np = N * nchunks;
     const int64_t work = N * C * HW;
-    int64_t nt = std::min<int64_t>(at::get_num_threads(), np);
-    if (work < 16384 || !AT_PARALLEL_OPENMP) nt = 1;
-    std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[N]);
-    for (int64_t n = 0; n < N; ++n) pending[n].store(nchunks, std::memory_order_relaxed);
+    int64_t nt = std::min<int64_t>(num_threads(), np);
+    if (work < 16384) nt = 1;
+    enum : uint8_t { kFree = 0, kClaimed = 1, kDone = 2 };
+    std::unique_ptr<std::atomic<uint8_t>[]> state(new std::atomic<uint8_t>[np]);
+    for (int64_t i = 0; i < np; ++i) state[i].store(kFree, std::memory_order_relaxed);
     auto stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
         k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[n * C], &off[task * C], &m2[task * C]);
       }
+    };
+    // Statistics of each piece in [t0, t1) that nobody has claimed (split samples only).
+    auto claim_stats = [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task) {
+        uint8_t expected = kFree;
+        if (!state[task].compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel)) continue;
+        stats(task, task + 1);
+        state[task].store(kDone, std::memory_order_release);
+      }
+    };
+    auto wait_done = [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task)
+        for (int spins = 0; state[task].load(std::memory_order_acquire) != kDone; ++spins) {
+          if (spins < 4000) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+          } else {
+            std::this_thread::yield();
+          }
+        }
     };
     auto apply = [&](int64_t n, int64_t t0, int64_t t1, std::vector<float>& cf) {
       coefs(n, cf.data(), cf.data() + C, cf.data() + 2 * C, cf.data() + 3 * C);
@@ -148,10 +194,9 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
         }
       };
       bool any_split = false;
-      for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
+      for_segments([&](int64_t, int64_t t0, int64_t t1, bool split) {
         if (!split) return;
-        stats(t0, t1);
-        pending[n].fetch_sub(t1 - t0, std::memory_order_acq_rel);
+        claim_stats(t0, t1);
         any_split = true;
       });
       for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
@@ -160,27 +205,20 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
       if (!any_split) return;
       for_segments([&](int64_t n, int64_t t0, int64_t t1, bool split) {
         if (!split) return;
-        for (int spins = 0; pending[n].load(std::memory_order_acquire) > 0; ++spins) {
-          if (spins < 4000) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-          } else {
-            std::this_thread::yield();
-          }
-        }
+        claim_stats(n * nchunks, (n + 1) * nchunks);
+        wait_done(n * nchunks, (n + 1) * nchunks);
         apply(n, t0, t1, cf);
       });
     };
     if (nt == 1) run(0, 1);
-    else at::parallel_for(0, nt, 1, run);
+    else parallel_for(0, nt, 1, run);
   } else {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
+    parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
       k.row_stats(dt, px, HW, r0, r1, shift.data(), off.data(), m2.data());
     });
     std::vector<float> hi(N * C), a(N * C), b2(N * C), work(2 * C);
     for (int64_t n = 0; n < N; ++n) coefs(n, &hi[n * C], &a[n * C], &b2[n * C], work.data());
-    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
+    parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
       k.row_affine(dt, px, py, HW, r0, r1, hi.data(), a.data(), b2.data(), silu);
     });
   }
@@ -189,4 +227,4 @@ static at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups
 
 }  // namespace ddpm_fast::cpu
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("group_norm_silu", &ddpm_fast::cpu::group_norm_silu_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("group_norm_silu", TORCH_BOX(&ddpm_fast::cpu::group_norm_silu_cpu)); }

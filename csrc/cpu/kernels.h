@@ -1,17 +1,16 @@
 // Raw-pointer CPU kernels, compiled once per instruction set (csrc/cpu/kernels/*.cpp, see CMakeLists.txt)
-// and chosen at run time by ddpm_fast::cpu::kernels(). Only plain pointers cross this boundary so the
-// ISA-specific objects include nothing but at::vec (keeps AVX2 code out of shared inline functions).
+// and chosen at run time by ddpm_fast::cpu::kernels(). Only plain pointers and the torch-free types of
+// kernel_types.h cross this boundary, so the ISA-specific objects include no torch header (and no AVX2 code
+// ends up in an inline function shared with the baseline build).
 #pragma once
 #include <cstdint>
 
+#include "kernel_types.h"
+
 namespace ddpm_fast::cpu {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-
-struct StepCoefs {
-  float a_x, a_e, c0, c1, c2, noise_scale, clip;
-  bool has_clip, has_noise;
-};
+using ddpm_fast::DType;
+using ddpm_fast::StepCoefs;
 
 struct Kernels {
   const char* isa;

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "cuda_common.cuh"
+#include "kernel_limits.h"
 
 namespace ddpm_fast {
 namespace cuda {
@@ -20,7 +21,7 @@ constexpr int kAttnBK = 32;
 constexpr int kAttnWarps = 8;
 constexpr int kAttnThreads = kAttnWarps * 32;
 constexpr int kAttnRowsPerWarp = kAttnBQ / kAttnWarps;  // 4
-constexpr int kAttnMaxD = 512;
+constexpr int kAttnMaxD = limits::kCudaAttentionMaxHeadDim;  // csrc/kernel_limits.h, also read by Python
 
 struct AttnArgs {
   const void* q;

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "kernel_types.h"  // DType, StepCoefs: shared with the CPU kernels
+
 namespace ddpm_fast {
 namespace cuda {
 
@@ -29,15 +31,17 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// Run-time element type of small side inputs (weight, bias, temb) that may differ from the main tensor's.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Run-time element type of small side inputs (weight, bias, temb) that may differ from the main tensor's
+// (ddpm_fast::DType, mapped by the glue with kernel_dtype(), which raises for any other dtype).
+using ddpm_fast::DType;
 
 __device__ __forceinline__ float load_as_float(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
   }
+  return __int_as_float(0x7fc00000);  // unreachable: NaN rather than a guess
 }
 
 inline bool is_aligned(const void* p, size_t bytes) {

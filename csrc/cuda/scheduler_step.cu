@@ -1,11 +1,8 @@
-// Torch glue for the fused scheduler step (CUDA): layout handling, dtype dispatch, launch.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// Torch glue for the fused scheduler step (CUDA): layout handling, dtype dispatch, launch. scheduler_step takes
+// its coefficients by value, scheduler_step_table hands the kernel a device table and index (no host sync).
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cuda/cuda_glue.h"
@@ -13,56 +10,81 @@
 
 namespace {
 
-using ddpm_fast::cuda::StepCoefs;
+using ddpm_fast::StepCoefs;
+using ddpm_fast::Tensor;
+using ddpm_fast::cuda::StepTable;
 
-template <typename T>
-void run(const at::Tensor& e, const at::Tensor& s, const std::optional<at::Tensor>& n, at::Tensor& prev, at::Tensor& x0,
-         const StepCoefs& k, cudaStream_t stream) {
-  const int sm = ddpm_fast::cuda::device_attribute(cudaDevAttrMultiProcessorCount, s.get_device(), 80);
-  ddpm_fast::cuda::launch_scheduler_step<T>(
-      reinterpret_cast<const T*>(e.data_ptr()), reinterpret_cast<const T*>(s.data_ptr()),
-      n ? reinterpret_cast<const T*>(n->data_ptr()) : nullptr, reinterpret_cast<T*>(prev.data_ptr()),
-      reinterpret_cast<T*>(x0.data_ptr()), s.numel(), k, sm, stream);
-}
-
-std::tuple<at::Tensor, at::Tensor> scheduler_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
-                                                       const std::optional<at::Tensor>& noise, double a_x, double a_e,
-                                                       double c0, double c1, double c2, double noise_scale,
-                                                       std::optional<double> clip_range) {
-  // Every check throws from host-compiled code (checks.cpp); nothing in this file throws itself.
-  ddpm_fast::check_scheduler_step(model_output, sample, noise, clip_range, c10::DeviceType::CUDA);
-  const auto st = sample.scalar_type();
-
-  c10::cuda::CUDAGuard guard(sample.device());
+// noise_layout: whether noise (when given) takes part in the layout decision (scheduler_step: only when
+// noise_scale != 0; scheduler_step_table: always, its noise_scale being device data). use_noise: whether the
+// kernel gets the noise pointer at all.
+std::tuple<Tensor, Tensor> run_step(const Tensor& model_output, const Tensor& sample, const std::optional<Tensor>& noise,
+                                    bool noise_layout, bool use_noise, const StepCoefs& k, const StepTable* table) {
+  const int32_t dev = sample.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(dev);
   // Elementwise: any dense layout works as long as every operand shares it; otherwise fall back to contiguous.
-  bool same_layout = sample.is_non_overlapping_and_dense() && model_output.strides() == sample.strides() &&
-                     (!noise || noise_scale == 0.0 || noise->strides() == sample.strides());
-  at::Tensor s = same_layout ? sample : sample.contiguous();
-  at::Tensor e = same_layout ? model_output : model_output.contiguous();
-  // Like the CPU kernel and the Python composite: a zero noise_scale drops the noise term entirely.
-  const bool has_noise = noise.has_value() && noise_scale != 0.0;
-  std::optional<at::Tensor> n;
-  if (has_noise) n = same_layout ? *noise : noise->contiguous();
+  const bool same_layout = ddpm_fast::is_non_overlapping_and_dense(sample) && model_output.strides() == sample.strides() &&
+                           (!(noise && noise_layout) || noise->strides() == sample.strides());
+  auto dense = [&](const Tensor& t) {
+    return same_layout || t.is_contiguous() ? t : torch::stable::contiguous(t);
+  };
+  const Tensor s = dense(sample), e = dense(model_output);
+  std::optional<Tensor> n;
+  if (use_noise) n = dense(*noise);
 
-  at::Tensor prev = at::empty_strided(s.sizes(), s.strides(), s.options());
-  at::Tensor x0 = at::empty_strided(s.sizes(), s.strides(), s.options());
+  const std::vector<int64_t> strides = s.strides().vec();
+  Tensor prev = ddpm_fast::alloc_strided(s, s.sizes(), strides);
+  Tensor x0 = ddpm_fast::alloc_strided(s, s.sizes(), strides);
   if (s.numel() == 0) return {prev, x0};
 
-  StepCoefs k{static_cast<float>(a_x), static_cast<float>(a_e), static_cast<float>(c0), static_cast<float>(c1),
-              static_cast<float>(c2), static_cast<float>(noise_scale),
-              clip_range ? static_cast<float>(*clip_range) : 0.f, clip_range.has_value()};
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
-  switch (st) {
-    case at::kFloat: run<float>(e, s, n, prev, x0, k, stream); break;
-    case at::kHalf: run<__half>(e, s, n, prev, x0, k, stream); break;
-    default: run<__nv_bfloat16>(e, s, n, prev, x0, k, stream); break;
+  const int sm = ddpm_fast::cuda::device_attribute(cudaDevAttrMultiProcessorCount, dev, 80);
+  auto stream = static_cast<cudaStream_t>(ddpm_fast::current_cuda_stream(dev));
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    ddpm_fast::cuda::launch_scheduler_step<T>(
+        static_cast<const T*>(e.const_data_ptr()), static_cast<const T*>(s.const_data_ptr()),
+        n ? static_cast<const T*>(n->const_data_ptr()) : nullptr, static_cast<T*>(prev.mutable_data_ptr()),
+        static_cast<T*>(x0.mutable_data_ptr()), s.numel(), k, table, sm, stream);
+  };
+  switch (ddpm_fast::kernel_dtype(s.scalar_type(), "scheduler_step", "sample")) {
+    case ddpm_fast::DType::F32: launch(float{}); break;
+    case ddpm_fast::DType::F16: launch(__half{}); break;
+    case ddpm_fast::DType::BF16: launch(__nv_bfloat16{}); break;
   }
-  ddpm_fast::check_launch("scheduler_step", cudaGetLastError());
+  ddpm_fast::check_launch(table ? "scheduler_step_table" : "scheduler_step", cudaGetLastError());
   return {prev, x0};
+}
+
+std::tuple<Tensor, Tensor> scheduler_step_cuda(const Tensor& model_output, const Tensor& sample,
+                                               const std::optional<Tensor>& noise, double a_x, double a_e, double c0,
+                                               double c1, double c2, double noise_scale,
+                                               std::optional<double> clip_range) {
+  // Every check throws from host-compiled code (checks.cpp); nothing in this file throws itself.
+  ddpm_fast::check_scheduler_step(model_output, sample, noise, clip_range, ddpm_fast::DeviceType::CUDA);
+  // Like the CPU kernel and the Python composite: a zero noise_scale drops the noise term entirely.
+  const bool has_noise = noise.has_value() && noise_scale != 0.0;
+  const StepCoefs k{static_cast<float>(a_x), static_cast<float>(a_e), static_cast<float>(c0), static_cast<float>(c1),
+                    static_cast<float>(c2), static_cast<float>(noise_scale),
+                    clip_range ? static_cast<float>(*clip_range) : 0.f, clip_range.has_value(), has_noise};
+  return run_step(model_output, sample, noise, /*noise_layout=*/has_noise, /*use_noise=*/has_noise, k, nullptr);
+}
+
+std::tuple<Tensor, Tensor> scheduler_step_table_cuda(const Tensor& model_output, const Tensor& sample,
+                                                     const std::optional<Tensor>& noise, const Tensor& coefs,
+                                                     const Tensor& index, std::optional<double> clip_range) {
+  ddpm_fast::check_scheduler_step_table(model_output, sample, noise, coefs, index, clip_range,
+                                        ddpm_fast::DeviceType::CUDA);
+  // The row (and whether it has a noise term) is read by the kernel; an out-of-range index gives NaN outputs.
+  const StepTable table{static_cast<const float*>(coefs.const_data_ptr()),
+                        static_cast<const int64_t*>(index.const_data_ptr()), coefs.size(0), coefs.stride(0),
+                        coefs.stride(1)};
+  const StepCoefs k{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, clip_range ? static_cast<float>(*clip_range) : 0.f,
+                    clip_range.has_value(), noise.has_value()};
+  return run_step(model_output, sample, noise, /*noise_layout=*/true, /*use_noise=*/noise.has_value(), k, &table);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
-  m.impl("scheduler_step", &scheduler_step_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+  m.impl("scheduler_step", TORCH_BOX(&scheduler_step_cuda));
+  m.impl("scheduler_step_table", TORCH_BOX(&scheduler_step_table_cuda));
 }

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .configuration import _json_kind
 from .hub import resolve_file
 
 WEIGHTS_NAME = "diffusion_pytorch_model.bin"
@@ -102,16 +103,110 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_bin(path)
 
 
-def load_sharded_safetensors(index_path: str, resolve_shard) -> dict[str, torch.Tensor]:
-    """Read every shard named in a ``*.safetensors.index.json`` (``resolve_shard(name) -> local path``)."""
+def read_shard_index(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``*.safetensors.index.json`` (tensor name -> shard file name), checked.
+
+    Every problem is a CheckpointError naming the index file and the field: invalid JSON, not an object, no
+    ``weight_map`` or one that is not an object of strings, and shard names that would leave the model folder
+    (absolute paths, ``..``; see :func:`check_shard_name`).
+    """
     try:
         with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path!r} is not a valid sharded-checkpoint index: {e}") from None
+            index = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: not valid JSON "
+                              f"(truncated or not a JSON file?): {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{index_path}: cannot read the sharded-checkpoint index: {e}") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: it holds "
+                              f"{_json_kind(index)}, not a JSON object")
+    if "weight_map" not in index:
+        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: field 'weight_map' is missing")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: field 'weight_map' must be an object mapping tensor names to shard "
+                              f"files, got {_json_kind(weight_map)}")
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: field 'weight_map' is empty: it names no shard")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index_path}: field 'weight_map' entry {name!r} must be a shard file name, got "
+                                  f"{_json_kind(shard)}")
+        check_shard_name(index_path, shard)
+    return weight_map
+
+
+def check_shard_name(index_path: str, shard: str) -> None:
+    """Refuse a shard name that is empty, absolute or climbs out of the index's folder with ``..``."""
+    parts = shard.replace("\\", "/").split("/")
+    if (not shard or "\0" in shard or os.path.isabs(shard) or shard.startswith(("/", "\\"))
+            or os.path.splitdrive(shard)[0] or ".." in parts or not parts[-1]):
+        raise CheckpointError(
+            f"{index_path}: field 'weight_map' names shard {shard!r}, which is not a file name inside the model "
+            "folder (absolute paths and '..' are refused: a model folder must not read files outside itself)"
+        )
+
+
+def _snapshot_root(folder: str) -> str | None:
+    """For a folder inside huggingface_hub's cache (``.../models--org--name/snapshots/<rev>/...``), the
+    ``models--org--name`` folder: the cache links snapshot files to ``../../blobs/<hash>`` inside it."""
+    parts = os.path.abspath(folder).split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--", "spaces--")):
+            return os.sep.join(parts[:i]) or os.sep
+    return None
+
+
+def check_shard_inside(index_path: str, shard: str, path: str) -> None:
+    """Refuse a shard whose file, symlinks resolved, lies outside the folder of the index (its model folder).
+
+    In huggingface_hub's cache, where every file is a symlink to a blob of the same repository, the shard's
+    resolved file must lie inside that repository's cache folder instead.
+    """
+    folder = os.path.dirname(os.path.abspath(index_path))
+    root = _snapshot_root(folder)
+    allowed = os.path.realpath(root if root is not None else folder)
+    lexical_ok = _inside(os.path.abspath(path), folder)
+    real = os.path.realpath(path)
+    if not (lexical_ok and _inside(real, allowed)):
+        raise CheckpointError(
+            f"{index_path}: field 'weight_map' names shard {shard!r}, which resolves to {real}, outside the model "
+            f"folder {allowed} (a symlink out of it?); shard files must be inside the model folder"
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
+def load_sharded_safetensors(index_path: str, resolve_shard) -> dict[str, torch.Tensor]:
+    """Read every shard named in a ``*.safetensors.index.json`` (``resolve_shard(name) -> local path``).
+
+    The index is checked by :func:`read_shard_index`, and every shard file must lie inside the model folder
+    (:func:`check_shard_inside`); a missing, unreadable or truncated shard is a CheckpointError naming the index
+    and the shard.
+    """
+    index_path = os.fspath(index_path)
+    weight_map = read_shard_index(index_path)
     state_dict: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        state_dict.update(load_safetensors(resolve_shard(shard)))
+        try:
+            path = os.fspath(resolve_shard(shard))
+        except OSError as e:  # FileNotFoundError, hub errors
+            raise CheckpointError(f"{index_path}: shard {shard!r} named in field 'weight_map' cannot be found: {e}") from None
+        check_shard_inside(index_path, shard, path)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{index_path}: shard {shard!r} named in field 'weight_map' is not a file ({path})")
+        try:
+            state_dict.update(load_safetensors(path))
+        except CheckpointError as e:
+            raise CheckpointError(f"{index_path}: shard {shard!r}: {e}") from None
     return state_dict
 
 
@@ -128,6 +223,11 @@ def find_weights_file(
     """
     if use_safetensors not in (None, True, False):
         raise TypeError(f"use_safetensors must be None, True or False, got {use_safetensors!r}")
+    if os.path.isfile(os.fspath(pretrained_model_name_or_path)):
+        raise NotADirectoryError(
+            f"{os.fspath(pretrained_model_name_or_path)} is a file; pass the model's folder (the one holding "
+            "config.json and the weights)"
+        )
     tried: list[str] = []
     errors: list[str] = []
     if use_safetensors is not False:

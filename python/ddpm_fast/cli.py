@@ -79,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="samples", help="folder for DIR/000000.png, ... (default: ./samples)")
     s.add_argument("--grid", action="store_true", help="also write DIR/grid.png")
     group = s.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="replace images that already exist")
-    group.add_argument("--resume", action="store_true", help="keep existing images, sample only the missing ones")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace images, grid and .npz that already exist (nothing is replaced without it)")
+    group.add_argument("--resume", action="store_true",
+                       help="keep existing images (each is decoded: damaged ones are sampled again), sample only "
+                       "the missing ones")
     s.add_argument("--backend", choices=("fused", "reference"), default=None, help="implementation (default: fused)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--num-threads", "--threads", dest="num_threads", type=_positive_int("--num-threads"),
@@ -163,9 +166,9 @@ def _sample(args: argparse.Namespace, dist) -> int:
 
     from . import DDIMScheduler, DDPMPipeline
     from .fast_path import backend as use_backend
-    from .sampling import (GRID_NAME, batch_indices, image_path, load_png, make_grid, pending_batches,
-                           prepare_output_dir, remove_stale_temp_files, sample_sharded, write_npz,
-                           write_png_atomic)
+    from .sampling import (GRID_NAME, batch_indices, damaged_images, image_path, load_png, make_grid,
+                           pending_batches, prepare_output_dir, remove_stale_temp_files, sample_sharded,
+                           write_npz, write_png_atomic)
     from .weights import shipped_model_path
 
     steps = args.steps if args.steps is not None else (1000 if args.scheduler == "ddpm" else 50)
@@ -182,7 +185,15 @@ def _sample(args: argparse.Namespace, dist) -> int:
         if not dist.is_main:
             return None
         prepare_output_dir(args.output, args.num_images, overwrite=args.overwrite, resume=args.resume)
+        _check_grid_target(args)
         remove_stale_temp_files(args.output)
+        damaged: list[tuple[int, str]] = []
+        if args.resume:
+            # Every existing image is decoded; a damaged one is removed here, so its batch counts as unfinished
+            # and is sampled again exactly as in an uninterrupted run (same batch, same seeds).
+            damaged = damaged_images(args.num_images, args.output)
+            for i, _ in damaged:
+                image_path(args.output, i).unlink(missing_ok=True)
         token = None
         if dist.enabled:
             import uuid
@@ -191,9 +202,11 @@ def _sample(args: argparse.Namespace, dist) -> int:
             (Path(args.output) / token).write_text("")
         batches = pending_batches(args.num_images, args.batch_size, args.output) if args.resume else \
             batch_indices(args.num_images, args.batch_size)
-        return batches, token
+        return batches, token, damaged
 
-    batches, token = dist.broadcast(dist.run("preparing --output", plan))
+    batches, token, damaged = dist.broadcast(dist.run("preparing --output", plan))
+    if damaged and dist.is_main:
+        print(f"{PROG}: --resume: {_damaged_summary(args.output, damaged)}", file=sys.stderr)
     if token is not None:
         def shared_check():
             if not (Path(args.output) / token).exists():
@@ -223,6 +236,9 @@ def _sample(args: argparse.Namespace, dist) -> int:
         return pipe.to(device=dist.device, dtype=_parse_dtype(args.dtype))
 
     pipe = dist.run("loading the model", load)
+    # Rank 0 writes the .npz; where and whether it may replace a file is settled before any sampling.
+    npz_path, npz_replace = dist.run(
+        "checking the .npz path", lambda: _npz_target(args, pipe) if dist.is_main else (None, False))
 
     n_todo = sum(len(b) for b in batches)
     bar = None
@@ -236,8 +252,9 @@ def _sample(args: argparse.Namespace, dist) -> int:
     ctx = use_backend(args.backend) if args.backend else _nullcontext()
     try:
         with ctx, torch.inference_mode():
+            # Without --overwrite an image file that appears meanwhile (another job on the folder) is not replaced.
             sample_sharded(pipe, batches, args.seed, steps, dist, out_dir=args.output, skip_existing=args.resume,
-                           progress=bar.update if bar is not None else None)
+                           progress=bar.update if bar is not None else None, replace=args.overwrite)
     finally:
         if bar is not None:
             bar.close()
@@ -248,12 +265,13 @@ def _sample(args: argparse.Namespace, dist) -> int:
         if not dist.is_main:
             return None
         written = []
-        if not args.no_npz:
-            written.append(str(write_npz(args.output, args.num_images, args.npz)))
+        if npz_path is not None:
+            written.append(str(write_npz(args.output, args.num_images, npz_path, replace=npz_replace)))
         if args.grid:
             images = [load_png(image_path(args.output, i)) for i in range(args.num_images)]
             grid = make_grid(images, scale=max(1, 128 // max(images[0].shape[:2])))
-            write_png_atomic(np.asarray(grid), os.path.join(args.output, GRID_NAME))
+            write_png_atomic(np.asarray(grid), os.path.join(args.output, GRID_NAME),
+                             replace=args.overwrite or args.resume)
             written.append(GRID_NAME)
         return written
 
@@ -264,6 +282,62 @@ def _sample(args: argparse.Namespace, dist) -> int:
         print(f"wrote {n_todo} image(s) to {args.output}{extra}{ranks} "
               f"({torch.get_num_threads()} CPU thread(s) per process)", file=sys.stderr)
     return 0
+
+
+def _damaged_summary(out_dir: str, damaged: list[tuple[int, str]], limit: int = 5) -> str:
+    from .sampling import image_path
+
+    names = [f"{image_path(out_dir, i).name} ({reason})" for i, reason in damaged[:limit]]
+    more = f" and {len(damaged) - limit} more" if len(damaged) > limit else ""
+    return (f"{len(damaged)} damaged image(s) in {out_dir} will be sampled again: {', '.join(names)}{more}")
+
+
+def _check_grid_target(args: argparse.Namespace) -> None:
+    """``--grid`` replaces DIR/grid.png only with --overwrite, or with --resume (then it is this run's grid)."""
+    from .sampling import GRID_NAME
+
+    if not args.grid:
+        return
+    path = Path(args.output) / GRID_NAME
+    if path.is_dir():
+        raise CLIError(f"{path} is a folder; --grid writes the grid there")
+    if os.path.lexists(path) and not (args.overwrite or args.resume):
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it (or --resume if it is this "
+                              "run's grid)")
+
+
+def _npz_target(args: argparse.Namespace, pipe) -> tuple[Path | None, bool]:
+    """Where the .npz goes and whether it may replace an existing file; refuses to clobber before sampling.
+
+    An existing file is replaced with --overwrite, or with --resume when it is this run's own .npz: ``arr_0``
+    uint8 of this run's shape (what an earlier, finished attempt wrote). Anything else is refused.
+    """
+    import numpy as np
+
+    from .sampling import default_npz_path, npz_header
+
+    if args.no_npz:
+        return None, False
+    n, c, *hw = pipe.image_shape(args.num_images)
+    shape = (n, *hw, c)
+    path = Path(args.npz) if args.npz is not None else default_npz_path(args.output, shape)
+    what = f"--npz {path}" if args.npz is not None else str(path)
+    if path.is_dir():
+        raise CLIError(f"{what} is a folder; --npz takes the path of the .npz file to write")
+    if not path.parent.is_dir():
+        raise CLIError(f"{what}: folder {str(path.parent)!r} does not exist")
+    if not os.path.lexists(path):
+        return path, False  # created without replacing: a file that appears meanwhile is refused, not replaced
+    if args.overwrite:
+        return path, True
+    if args.resume:
+        if npz_header(path) == (shape, np.dtype(np.uint8)):
+            return path, True
+        raise FileExistsError(
+            f"{what} already exists and is not this run's .npz (arr_0, uint8, shape {shape}); --resume replaces "
+            "only this run's own files: remove it or choose another --npz path"
+        )
+    raise FileExistsError(f"{what} already exists; pass --overwrite to replace it")
 
 
 class _nullcontext:

@@ -16,7 +16,8 @@ machine stops at the collective timeout (``--dist-timeout``, default 30 minutes)
 Test-only failure injection (used by tests/test_distributed.py, not a user feature): with
 ``DDPM_FAST_TEST_FAIL_AFTER_BATCHES=K`` a process raises after finishing ``K`` sample batches or training steps
 (``DDPM_FAST_TEST_FAIL_RANK=r`` restricts that to rank ``r``); ``DDPM_FAST_TEST_FAIL_HARD=1`` makes it exit at once
-with ``os._exit(3)`` instead, as if killed.
+with ``os._exit(3)`` instead, as if killed, and ``DDPM_FAST_TEST_FAIL_HARD=stop`` makes it stop itself with
+``SIGSTOP`` (POSIX) so that a test can ``SIGKILL`` it at that known point (it stays stopped until then).
 """
 
 from __future__ import annotations
@@ -211,9 +212,17 @@ def maybe_inject_failure(rank: int, done: int) -> None:
     only = os.environ.get(FAIL_RANK_ENV)
     if only is not None and int(only) != rank:
         return
-    if os.environ.get(FAIL_HARD_ENV) == "1":
+    hard = os.environ.get(FAIL_HARD_ENV)
+    if hard == "1":
         sys.stderr.flush()
         os._exit(3)
+    if hard == "stop":
+        import signal
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)  # a test SIGKILLs the stopped process; it never runs on
+        return
     raise RuntimeError(f"test-only failure injected on rank {rank} after {done} batch(es) ({FAIL_AFTER_ENV})")
 
 

@@ -35,13 +35,31 @@ def _hub_download(repo_id: str, filename: str, subfolder: str | None, **hub_kwar
 
 
 def is_hub_id(path_or_id: str | os.PathLike) -> bool:
-    s = os.fspath(path_or_id)
+    s = _check_path_args(path_or_id, None)
     return not os.path.exists(s) and looks_like_hub_id(s)
 
 
-def resolve_file(path_or_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> str:
-    """Return a local path to ``filename`` inside ``path_or_id`` (or ``path_or_id/subfolder``)."""
+def _check_path_args(path_or_id, subfolder) -> str:
+    if isinstance(path_or_id, bytes) or not isinstance(path_or_id, (str, os.PathLike)):
+        raise TypeError(
+            f"pretrained_model_name_or_path must be a folder path or a hub id, got {type(path_or_id).__name__} "
+            f"{path_or_id!r}"
+        )
+    if subfolder is not None and not isinstance(subfolder, str):
+        raise TypeError(f"subfolder must be a folder name or None, got {type(subfolder).__name__} {subfolder!r}")
     s = os.fspath(path_or_id)
+    if not s:
+        raise FileNotFoundError("pretrained_model_name_or_path is empty; pass a folder path or a hub id")
+    return s
+
+
+def resolve_file(path_or_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> str:
+    """Return a local path to ``filename`` inside ``path_or_id`` (or ``path_or_id/subfolder``).
+
+    Errors name what was looked for and where: FileNotFoundError for a missing path or file, OSError from the
+    hub, TypeError for arguments that are not paths.
+    """
+    s = _check_path_args(path_or_id, subfolder)
     if os.path.isfile(s):
         return s
     if os.path.isdir(s):

@@ -391,9 +391,6 @@ def _register_fakes() -> None:
         fmt = _step_layout(model_output, sample, noise if noise_scale != 0.0 else None)
         return torch.empty_like(sample, memory_format=fmt), torch.empty_like(sample, memory_format=fmt)
 
-    if not hasattr(torch.ops.ddpm_fast, "scheduler_step_table"):  # LEAD-TMP until the port lands
-        return
-
     @torch.library.register_fake("ddpm_fast::scheduler_step_table")
     def _(model_output, sample, noise, coefs, index, clip_range):
         _same_device("scheduler_step_table", "sample", sample, model_output=model_output, noise=noise, coefs=coefs,

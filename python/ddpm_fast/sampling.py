@@ -12,13 +12,20 @@ Batches are fixed: batch ``b`` holds images ``[b*B, min((b+1)*B, N))`` — :func
 :func:`sample_sharded` gives whole batches to ranks round-robin, so a batch's members (and so its pixels, given
 the same ``--num-threads``: CPU reductions split work by thread count) never depend on the world size.
 :func:`write_npz` then packs every PNG, in index order, into the ``arr_0`` array FID tools read.
+
+Files. Every file is written to a temp file in the target's folder and renamed over the target, so a crash leaves
+the old file or the whole new one; the new file gets the permissions a plain ``open(path, "w")`` would give
+(``0o666`` less the umask), not ``tempfile.mkstemp``'s ``0o600``. :func:`damaged_images` decodes every existing
+image for ``--resume``, which samples the damaged ones again.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
+import secrets
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -74,10 +81,54 @@ def pending_batches(num_images: int, batch_size: int, out_dir: str | os.PathLike
     return [b for b in batch_indices(num_images, batch_size) if not all(i in done for i in b)]
 
 
-def write_png_atomic(image: np.ndarray, path: str | os.PathLike) -> None:
+def _create_temp(path: Path) -> tuple[int, str]:
+    """Create and open a new temp file next to ``path``: ``.<name>.<random>.tmp``, removable by
+    :func:`remove_stale_temp_files`.
+
+    It is created the way ``open(path, "w")`` creates a file, with mode ``0o666`` that the kernel reduces by
+    the umask (or a default ACL of the folder); ``tempfile.mkstemp`` would give ``0o600``, which the rename
+    would then carry to the final file.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temp file next to {path}")  # pragma: no cover
+
+
+def _publish(tmp: str, path: Path, replace: bool = True) -> None:
+    """Move ``tmp`` (a finished temp file next to ``path``) to ``path``.
+
+    ``replace=False`` never replaces an existing ``path`` (FileExistsError): the temp file is hard-linked to the
+    new name, which fails if the name exists; where the file system has no hard links, an existence check and
+    ``os.replace`` follow instead.
+    """
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists; pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_png_atomic(image: np.ndarray, path: str | os.PathLike, replace: bool = True) -> None:
     """Write a uint8 HWC/HW image as PNG via a temp file in the same folder and ``os.replace``.
 
-    A crash or Ctrl-C leaves either the old file or the complete new one, never half a PNG.
+    A crash or Ctrl-C leaves either the old file or the complete new one, never half a PNG. The file gets the
+    permissions the umask gives (see :func:`_create_temp`). ``replace=False`` refuses to replace an existing
+    file.
     """
     from PIL import Image
 
@@ -87,11 +138,11 @@ def write_png_atomic(image: np.ndarray, path: str | os.PathLike) -> None:
         raise TypeError(f"image must be uint8, got {arr.dtype}")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr).save(f, format="PNG")
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -146,12 +197,14 @@ def sample_images(
     out_dir: str | os.PathLike | None = None,
     skip_existing: bool = False,
     progress=None,
+    replace: bool = True,
 ) -> dict[int, np.ndarray]:
     """Sample every batch of ``batches`` and return ``{index: uint8 HWC image}``.
 
     With ``out_dir``, each image is written to ``out_dir/<index:06d>.png`` atomically as soon as its batch is done
-    (images that already exist are left untouched when ``skip_existing``). ``progress`` is called with the
-    number of images finished after every batch.
+    (images that already exist are left untouched when ``skip_existing``; with ``replace=False`` an image file
+    that exists when it is written is an error, never replaced). ``progress`` is called with the number of
+    images finished after every batch.
     """
     results: dict[int, np.ndarray] = {}
     for batch in batches:
@@ -162,18 +215,65 @@ def sample_images(
             if out_dir is not None:
                 p = image_path(out_dir, i)
                 if not (skip_existing and p.exists()):
-                    write_png_atomic(img, p)
+                    write_png_atomic(img, p, replace=replace)
         if progress is not None:
             progress(len(batch))
     return results
 
 
 def load_png(path: str | os.PathLike) -> np.ndarray:
+    """An image file as an HWC uint8 array; a file that cannot be decoded is a ValueError naming it."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ... for bad files
+        raise ValueError(f"{path} cannot be read as an image ({_reason(e)}); delete it, or rerun with --resume "
+                         "to sample it again") from None
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _reason(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why the image file at ``path`` cannot be used (it does not decode completely), or None if it can.
+
+    PIL's ``verify`` checks the file's structure and checksums, then a fresh ``load`` decodes every pixel: a
+    truncated or corrupt PNG fails one of them.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.load()
+    except MemoryError:
+        raise
+    except Exception as e:
+        return _reason(e)
+    return None
+
+
+def damaged_images(num_images: int, out_dir: str | os.PathLike, workers: int | None = None) -> list[tuple[int, str]]:
+    """``(index, reason)`` for each existing image in ``[0, num_images)`` of ``out_dir`` that does not decode.
+
+    Decoding runs on a few threads (PIL releases the GIL while it inflates), in index order of the result.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    indices = existing_images(num_images, out_dir)
+    if not indices:
+        return []
+    workers = workers or min(8, os.cpu_count() or 1, len(indices))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(lambda i: image_problem(image_path(out_dir, i)), indices))
+    return [(i, p) for i, p in zip(indices, problems) if p is not None]
 
 
 def prepare_output_dir(out_dir: str | os.PathLike, num_images: int, overwrite: bool, resume: bool) -> None:
@@ -219,12 +319,35 @@ def default_npz_path(out_dir: str | os.PathLike, shape: Sequence[int]) -> Path:
     return Path(out_dir) / f"samples_{'x'.join(str(int(v)) for v in shape)}.npz"
 
 
-def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLike | None = None) -> Path:
+def npz_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype] | None:
+    """``(shape, dtype)`` of ``arr_0`` when ``path`` is an ``.npz`` laid out as :func:`write_npz` writes it
+    (one uncompressed member ``arr_0.npy``), else None. Reads the header only."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if zf.namelist() != ["arr_0.npy"]:
+                return None
+            with zf.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    return None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+    return (tuple(shape), dtype) if not fortran else None
+
+
+def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLike | None = None,
+              replace: bool = True) -> Path:
     """Pack ``out_dir/000000.png ...`` into one ``.npz`` holding ``arr_0``: uint8 ``(N, H, W, C)`` in index order.
 
     This is the layout of guided-diffusion's (ADM) evaluation suite and what ``numpy.load(path)["arr_0"]``
     returns. Images are streamed into the archive one at a time (memory stays one image, not N), into a temp
-    file renamed over ``path`` at the end. ``path`` defaults to :func:`default_npz_path`. Returns the path.
+    file renamed over ``path`` at the end, with the permissions the umask gives. ``path`` defaults to
+    :func:`default_npz_path`. ``replace=False`` refuses to replace an existing file (FileExistsError). Returns
+    the path.
     """
     first_path = image_path(out_dir, 0)
     if not first_path.is_file():
@@ -232,7 +355,7 @@ def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLi
     first = load_png(first_path)
     shape = (num_images, *first.shape)
     path = Path(path) if path is not None else default_npz_path(out_dir, shape)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     os.close(fd)
     try:
         # np.savez layout: an uncompressed zip member "arr_0.npy" in .npy format 1.0 (zip64 for > 4 GB).
@@ -252,7 +375,7 @@ def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLi
                             "--output mixes images of different runs (use an empty folder or --overwrite)"
                         )
                     f.write(np.ascontiguousarray(img).tobytes())
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -273,13 +396,14 @@ def sample_sharded(
     out_dir: str | os.PathLike,
     skip_existing: bool = False,
     progress=None,
+    replace: bool = True,
 ) -> int:
     """Sample this rank's round-robin share of ``batches`` into ``out_dir``; returns the images done by all ranks.
 
     ``dist`` is a :class:`ddpm_fast.distributed.Distributed` (a single-process one works too). Every round each
     rank samples at most one batch and then all ranks exchange a status: a rank that raised stops the job on
     every rank (see :meth:`~ddpm_fast.distributed.Distributed.check`). ``progress`` (rank 0 only, typically)
-    gets the number of images all ranks finished in each round.
+    gets the number of images all ranks finished in each round; ``replace`` goes to :func:`sample_images`.
     """
     from .distributed import maybe_inject_failure, shard
 
@@ -292,7 +416,7 @@ def sample_sharded(
             if r < len(mine):
                 maybe_inject_failure(dist.rank, r)
                 sample_images(pipeline, [mine[r]], seed, num_inference_steps, out_dir=out_dir,
-                              skip_existing=skip_existing)
+                              skip_existing=skip_existing, replace=replace)
                 done = len(mine[r])
         except Exception:
             dist.check(False, "sampling")

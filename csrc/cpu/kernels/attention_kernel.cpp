@@ -9,8 +9,6 @@ namespace ddpm_fast::cpu {
 namespace CPU_CAPABILITY {
 
 void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
-  const auto vmax = [](Vec& x, Vec& y) { return at::vec::maximum(x, y); };
-  const auto vsum = [](Vec& x, Vec& y) { return x + y; };
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
     int64_t j = 0;
@@ -18,11 +16,11 @@ void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float sc
     Vec m(-std::numeric_limits<float>::infinity()), mn(std::numeric_limits<float>::infinity());
     for (; j + kV <= n; j += kV) {
       const Vec v = Vec::loadu(row + j);
-      m = at::vec::maximum(m, v);
-      mn = at::vec::minimum(mn, v);
+      m = simd::maximum(m, v);
+      mn = simd::minimum(mn, v);
     }
-    float hi = at::vec::vec_reduce_all<float>(vmax, m);
-    float lo = -at::vec::vec_reduce_all<float>(vmax, mn = mn.neg());
+    float hi = simd::reduce_max(m);
+    float lo = -simd::reduce_max(mn.neg());
     for (; j < n; ++j) { hi = std::max(hi, row[j]); lo = std::min(lo, row[j]); }
     float ref = (scale >= 0.f ? hi : lo) * scale;
     // All scores -inf (only from -inf inputs): keep a finite reference so exp() gives 0, not NaN.
@@ -30,11 +28,11 @@ void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float sc
     const Vec vs(scale), vref(ref);
     Vec sum(0.f);
     for (j = 0; j + kV <= n; j += kV) {
-      const Vec e = exp_nonpos(at::vec::fmsub(Vec::loadu(row + j), vs, vref));
+      const Vec e = exp_nonpos(simd::fmsub(Vec::loadu(row + j), vs, vref));
       e.store(row + j);
       sum += e;
     }
-    float tot = at::vec::vec_reduce_all<float>(vsum, sum);
+    float tot = simd::reduce_add(sum);
     for (; j < n; ++j) { row[j] = std::exp(std::fma(row[j], scale, -ref)); tot += row[j]; }
     const Vec inv(1.f / tot);
     for (j = 0; j + kV <= n; j += kV) (Vec::loadu(row + j) * inv).store(row + j);

@@ -1,19 +1,20 @@
 // Shared helpers for the per-ISA kernel objects: fp32 <-> bf16/fp16 conversion and vector load/store
-// of any supported dtype as Vectorized<float>. Everything lives in namespace CPU_CAPABILITY, so the copies
-// compiled for different instruction sets never collide at link time.
+// of any supported dtype as a simd::Vec of floats. Everything lives in namespace CPU_CAPABILITY, so the
+// copies compiled for different instruction sets never collide at link time. No torch header is
+// included by any kernel object (simd.h is our own vector type).
 #pragma once
-#include <ATen/cpu/vec/vec.h>
-
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels/simd.h"
 
 namespace ddpm_fast::cpu {
 namespace CPU_CAPABILITY {
 
-using Vec = at::vec::Vectorized<float>;
+using simd::Vec;
 constexpr int kV = Vec::size();
 
 struct bf16_t { uint16_t x; };
@@ -70,6 +71,7 @@ template <> inline void store<float>(float* p, const Vec& v, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
+// (An AVX-512 build would add its own versions of these four next to this block.)
 // 2^t for t in [-125, 115] (callers clamp): 2^n * 2^f with n = round(t), f in [-1/2, 1/2]; a degree-6 fit of
 // 2^f (relative error 1e-7 in float), 2^n added straight into the exponent bits (stays a normal float).
 inline __m256 exp2_clamped(__m256 t) {
@@ -125,10 +127,10 @@ inline void silu4(Vec* v) {
   }
 }
 #else
-inline Vec exp_nonpos(const Vec& x) { return x.exp(); }
+inline Vec exp_nonpos(const Vec& x) { return simd::exp(x); }
 inline Vec silu(const Vec& y) {
   // y * sigmoid(y); exp(-y) = inf gives y/inf = -0: the correct limit.
-  return y / (Vec(1.f) + y.neg().exp());
+  return y / (Vec(1.f) + simd::exp(y.neg()));
 }
 inline void silu4(Vec* v) {
   for (int u = 0; u < 4; ++u) v[u] = silu(v[u]);

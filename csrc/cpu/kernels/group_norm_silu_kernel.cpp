@@ -19,21 +19,21 @@ static void row_stats_impl(const T* x, int64_t len, int64_t r0, int64_t r1, floa
     for (; i + 2 * kV <= len; i += 2 * kV) { acc0 += load(p + i) - vsh; acc1 += load(p + i + kV) - vsh; }
     float tail = 0.f;
     for (; i < len; ++i) tail += to_f(p[i]) - sh;
-    const float o = (at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1) + tail) / len;
+    const float o = (simd::reduce_add(acc0 + acc1) + tail) / len;
     // Second pass over the (now cached) row: deviations from the mean, no cancellation.
     const Vec vo(o);
     Vec s0(0.f), s1(0.f);
     i = 0;
     for (; i + 2 * kV <= len; i += 2 * kV) {
       const Vec d0 = (load(p + i) - vsh) - vo, d1 = (load(p + i + kV) - vsh) - vo;
-      s0 = at::vec::fmadd(d0, d0, s0);
-      s1 = at::vec::fmadd(d1, d1, s1);
+      s0 = simd::fmadd(d0, d0, s0);
+      s1 = simd::fmadd(d1, d1, s1);
     }
     float tail2 = 0.f;
     for (; i < len; ++i) { const float d = (to_f(p[i]) - sh) - o; tail2 += d * d; }
     shift[r] = sh;
     off[r] = o;
-    m2[r] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s0 + s1) + tail2;
+    m2[r] = simd::reduce_add(s0 + s1) + tail2;
   }
 }
 
@@ -59,14 +59,14 @@ static inline void col_m2_block(const T* x, int64_t p, int64_t c, int64_t j, con
     for (int k = 0; k < NV; ++k) {
       const Vec d = (load(row + k * kV) - sh[k]) - mu[k];
       const Vec d2 = (load(row + c + k * kV) - sh[k]) - mu[k];
-      s[k] = at::vec::fmadd(d, d, s[k]);
-      s2[k] = at::vec::fmadd(d2, d2, s2[k]);
+      s[k] = simd::fmadd(d, d, s[k]);
+      s2[k] = simd::fmadd(d2, d2, s2[k]);
     }
   }
   if (i < p)
     for (int k = 0; k < NV; ++k) {
       const Vec d = (load(x + i * c + j + k * kV) - sh[k]) - mu[k];
-      s[k] = at::vec::fmadd(d, d, s[k]);
+      s[k] = simd::fmadd(d, d, s[k]);
     }
   for (int k = 0; k < NV; ++k) (s[k] + s2[k]).store(m2 + j + k * kV);
 }
@@ -112,13 +112,13 @@ static void row_affine_impl(const T* x, T* y, int64_t len, int64_t r0, int64_t r
     const Vec vh(hi[r]), va(a[r]), vb(b[r]);
     int64_t i = 0;
     if (do_silu) {
-      for (; i + kV <= len; i += kV) store(dst + i, silu(at::vec::fmadd(load(src + i) - vh, va, vb)));
+      for (; i + kV <= len; i += kV) store(dst + i, silu(simd::fmadd(load(src + i) - vh, va, vb)));
     } else {
-      for (; i + kV <= len; i += kV) store(dst + i, at::vec::fmadd(load(src + i) - vh, va, vb));
+      for (; i + kV <= len; i += kV) store(dst + i, simd::fmadd(load(src + i) - vh, va, vb));
     }
     if (i < len) {
       const int64_t m = len - i;
-      Vec v = at::vec::fmadd(load(src + i, m) - vh, va, vb);
+      Vec v = simd::fmadd(load(src + i, m) - vh, va, vb);
       store(dst + i, do_silu ? silu(v) : v, m);
     }
   }
@@ -134,7 +134,7 @@ static void col_affine_full(const T* x, T* y, int64_t p, int64_t c, const float*
         Vec v[4];
         for (int u = 0; u < 4; ++u) {
           const int64_t jj = j + u * kV;
-          v[u] = at::vec::fmadd(load(src + jj) - Vec::loadu(hi + jj), Vec::loadu(a + jj), Vec::loadu(b + jj));
+          v[u] = simd::fmadd(load(src + jj) - Vec::loadu(hi + jj), Vec::loadu(a + jj), Vec::loadu(b + jj));
         }
         silu4(v);
         for (int u = 0; u < 4; ++u) store(dst + j + u * kV, v[u]);
@@ -146,7 +146,7 @@ static void col_affine_full(const T* x, T* y, int64_t p, int64_t c, const float*
     const T* src = x + i * c;
     T* dst = y + i * c;
     for (int64_t j = 0; j < c; j += kV) {
-      Vec v = at::vec::fmadd(load(src + j) - Vec::loadu(hi + j), Vec::loadu(a + j), Vec::loadu(b + j));
+      Vec v = simd::fmadd(load(src + j) - Vec::loadu(hi + j), Vec::loadu(a + j), Vec::loadu(b + j));
       if (SILU) v = silu(v);
       store(dst + j, v);
     }
@@ -166,7 +166,7 @@ static void col_affine_impl(const T* x, T* y, int64_t p, int64_t c, const float*
     T* dst = y + i * c;
     for (int64_t j = 0; j < c; j += kV) {
       const int64_t m = std::min<int64_t>(kV, c - j);
-      Vec v = at::vec::fmadd(load(src + j, m) - load(hi + j, m), load(a + j, m), load(b + j, m));
+      Vec v = simd::fmadd(load(src + j, m) - load(hi + j, m), load(a + j, m), load(b + j, m));
       if (do_silu) v = silu(v);
       store(dst + j, v, m);
     }

@@ -10,10 +10,10 @@ static void step_impl(const T* eps, const T* x, const T* noise, T* prev, T* x0, 
   for (int64_t i = 0; i < n; i += kV) {
     const int64_t m = std::min<int64_t>(kV, n - i);
     const Vec e = load(eps + i, m), s = load(x + i, m);
-    Vec p0 = at::vec::fmadd(ax, s, ae * e);
-    if (c.has_clip) p0 = at::vec::clamp(p0, lo, hi);
-    Vec pv = at::vec::fmadd(c0, p0, at::vec::fmadd(c1, s, c2 * e));
-    if (c.has_noise) pv = at::vec::fmadd(ns, load(noise + i, m), pv);
+    Vec p0 = simd::fmadd(ax, s, ae * e);
+    if (c.has_clip) p0 = simd::clamp(p0, lo, hi);
+    Vec pv = simd::fmadd(c0, p0, simd::fmadd(c1, s, c2 * e));
+    if (c.has_noise) pv = simd::fmadd(ns, load(noise + i, m), pv);
     store(x0 + i, p0, m);
     store(prev + i, pv, m);
   }

@@ -11,9 +11,11 @@ from ..models import UNet2DModel
 from ..schedulers import DDIMScheduler, DDPMScheduler
 from ..utils.torch_utils import randn_tensor
 from .pipeline_utils import (
+    MODEL_INDEX,
     DiffusionPipeline,
     ImagePipelineOutput,
     component_subfolder,
+    index_component_class,
     read_model_index,
     resolve_pipeline_dir,
 )
@@ -68,24 +70,33 @@ class DDPMPipeline(DiffusionPipeline):
         """
         folder = resolve_pipeline_dir(pretrained_model_name_or_path, **hub_kwargs)
         index = read_model_index(folder)
+        index_path = os.path.join(folder, MODEL_INDEX)
         if unet is None:
-            unet_class = index.get("unet", [None, "UNet2DModel"])[-1]
+            unet_class = index_component_class(index, "unet", index_path, "UNet2DModel")
+            if unet_class is None:
+                raise ValueError(f"{index_path}: field 'unet' says the pipeline has no unet; DDPMPipeline needs one "
+                                 "(pass unet=UNet2DModel.from_pretrained(...))")
             if unet_class != "UNet2DModel":
-                raise ValueError(f"{folder}: model_index.json names unet class {unet_class!r}; only UNet2DModel is supported")
+                raise ValueError(f"{index_path}: field 'unet' names class {unet_class!r}; only UNet2DModel is supported")
+            unet_subfolder = component_subfolder(folder, "unet")
             unet = UNet2DModel.from_pretrained(
                 folder,
-                subfolder=component_subfolder(folder, "unet"),
+                subfolder=unet_subfolder,
                 torch_dtype=torch_dtype,
                 variant=variant,
                 use_safetensors=use_safetensors,
             )
+            if unet.config.sample_size is None:  # a UNet can do without it; this pipeline cannot size its noise
+                config_path = os.path.join(folder, *([unet_subfolder] if unet_subfolder else []), UNet2DModel.config_name)
+                raise ValueError(f"{config_path}: field 'sample_size' is null; DDPMPipeline needs the image size "
+                                 "(an integer or [height, width])")
         elif torch_dtype is not None:
             unet = unet.to(torch_dtype)
         if scheduler is None:
-            scheduler_class = index.get("scheduler", [None, "DDPMScheduler"])[-1]
+            scheduler_class = index_component_class(index, "scheduler", index_path, "DDPMScheduler")
             if scheduler_class not in SCHEDULERS:
                 raise ValueError(
-                    f"{folder}: model_index.json names scheduler class {scheduler_class!r}; supported: "
+                    f"{index_path}: field 'scheduler' names class {scheduler_class!r}; supported: "
                     f"{sorted(SCHEDULERS)}. Pass scheduler=DDPMScheduler.from_pretrained(...) to override."
                 )
             scheduler = SCHEDULERS[scheduler_class].from_pretrained(folder, subfolder=component_subfolder(folder, "scheduler"))

@@ -58,6 +58,12 @@ def _snapshot(repo_id: str, **hub_kwargs) -> str:
 
 
 def resolve_pipeline_dir(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> str:
+    """The local pipeline folder: ``pretrained_model_name_or_path`` itself, or a hub id's snapshot."""
+    if isinstance(pretrained_model_name_or_path, bytes) or not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            "pretrained_model_name_or_path must be a pipeline folder or a hub id, got "
+            f"{type(pretrained_model_name_or_path).__name__} {pretrained_model_name_or_path!r}"
+        )
     path = os.fspath(pretrained_model_name_or_path)
     if os.path.isdir(path):
         return path
@@ -69,8 +75,31 @@ def resolve_pipeline_dir(pretrained_model_name_or_path: str | os.PathLike, **hub
 
 
 def read_model_index(folder: str) -> dict[str, Any]:
+    """``folder/model_index.json`` as a dict (``{}`` when there is none: the original flat layout)."""
     path = os.path.join(folder, MODEL_INDEX)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; it must be the pipeline's JSON index file")
     return read_json_object(path) if os.path.isfile(path) else {}
+
+
+def index_component_class(index: dict[str, Any], name: str, index_path: str, default: str) -> str | None:
+    """The class name ``model_index.json`` gives component ``name`` (``default`` when the field is absent).
+
+    diffusers writes each component as ``[library, class name]``; ``[null, null]`` means "no such component"
+    and gives None. Any other shape is refused with an error naming the file and the field.
+    """
+    if name not in index:
+        return default
+    entry = index[name]
+    if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+            or not all(part is None or isinstance(part, str) for part in entry)):
+        from ..configuration import _json_kind
+
+        raise ValueError(
+            f"{index_path}: field {name!r} must be a [library, class name] pair such as "
+            f'["diffusers", "{default}"], got {_json_kind(entry)}'
+        )
+    return entry[1]
 
 
 def component_subfolder(folder: str, name: str) -> str | None:

@@ -102,7 +102,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def _check_beta_bound(value: Any, name: str, schedule: str) -> float:
-    """``beta_start`` / ``beta_end`` as a float; a finite number in [0, 1] or a ValueError naming ``name``."""
+    """``beta_start`` / ``beta_end`` unchanged when it is a finite real number in [0, 1]; else an error naming ``name``."""
     number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     if isinstance(number, bool) or not isinstance(number, numbers.Real):
         raise TypeError(
