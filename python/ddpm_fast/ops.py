@@ -26,6 +26,10 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Below this many keys the CPU kernel's two GEMM calls per (batch, head, query block) cost more than they save
 # and PyTorch's SDPA is as fast or faster (measured: bench/results/*/kernels*.json).
 CPU_ATTENTION_MIN_KEYS = 128
+# The CUDA kernel runs without tensor cores: it beats SDPA only in float32 on small problems (batch 1 at the UNets'
+# shapes, B*H*L*S*D = 2**24-2**25) and loses at batch 8 (2**28) and in half precision
+# (bench/results/nvidia-h200/kernels.json). Above this size, or in fp16/bf16, attention goes to SDPA.
+CUDA_ATTENTION_MAX_WORK = 2**26
 
 
 class ArgumentError(ValueError, TypeError):
@@ -129,12 +133,19 @@ def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
 
 
 def _attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The routing rule: the native kernel, or PyTorch's SDPA where that is as fast (short CPU key sequences) or
-    the kernel has no variant (CUDA head dims above its limit, read from the extension)."""
+    """The routing rule: the native kernel, or PyTorch's SDPA where that is as fast or faster (short CPU key
+    sequences; CUDA half precision and large problems) or the kernel has no variant (CUDA head dims above its
+    limit, read from the extension)."""
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        return True  # let the kernel refuse it
     if q.device.type == "cpu":
-        return k.dim() >= 2 and k.shape[-2] >= CPU_ATTENTION_MIN_KEYS
+        return k.shape[-2] >= CPU_ATTENTION_MIN_KEYS
     if q.device.type == "cuda":
-        return max(q.shape[-1], v.shape[-1]) <= _native.limits()["cuda_attention_max_head_dim"]
+        head_dim = max(q.shape[-1], v.shape[-1])
+        return (
+            q.dtype == torch.float32 and head_dim <= _native.limits()["cuda_attention_max_head_dim"]
+            and q.numel() // max(q.shape[-1], 1) * k.shape[-2] * head_dim <= CUDA_ATTENTION_MAX_WORK
+        )
     return True
 
 
