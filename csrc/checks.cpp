@@ -154,7 +154,8 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
   DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", sizes_str(x.sizes()));
   check_like(op, "weight", weight, "x", x);
   DDPM_FAST_CHECK(weight.dim() == 3 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(1) == x.size(1),
-                  op, ": weight must be the (16 or 36, C_in=", x.size(1), ", C_out) Winograd transform, got shape ",
+                  op, ": weight must be the (16 or 36, C_in=", x.size(1),
+                  ", C_out) transform from ddpm_fast.ops.winograd_weight, got shape ",
                   sizes_str(weight.sizes()));
   const int64_t O = weight.size(2);
   if (bias.has_value()) {

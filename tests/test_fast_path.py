@@ -1,4 +1,5 @@
 """The fast sampling path: packed oneDNN convolutions, fused blocks, channels_last, bf16, CUDA graphs.
+Which path each convolution took is read with ``ddpm_fast.fast_path.record_paths()``.
 
 Oracles: ``F.conv2d`` for the convolution, diffusers 0.42.1 and ddpm_fast's own reference backend for whole
 pipelines (same seed, same images).  CUDA-graph tests need a GPU (``-m cuda``); their CPU twin checks the
@@ -10,7 +11,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import warnings
 
 import numpy as np
 import pytest
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_fast
-from ddpm_fast import cuda_graphs
+from ddpm_fast import cuda_graphs, fast_path
 from ddpm_fast.models import conv as conv_mod
-from ddpm_fast.models.conv import Conv2d, packed_conv_stats
+from ddpm_fast.models.conv import Conv2d
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -103,17 +103,15 @@ def test_packed_conv_matches_f_conv2d(case, channels_last):
     x = torch.randn(n, cin, h, w)
     if channels_last:
         x = x.contiguous(memory_format=CL)
-    packed_conv_stats(reset=True)
-    with torch.no_grad():
+    with torch.no_grad(), fast_path.record_paths() as paths:
         y = conv(x)
         ref = F.conv2d(x, conv.weight, conv.bias, s, p, 1, g)
         other = torch.randn_like(ref)
         fused = conv.forward_fused(x, other=other, silu=True, output_scale=2.0)
         added = conv.forward_fused(x, other=other)
         broadcast = conv.forward_fused(x, other=other[:1])
-    stats = packed_conv_stats()
     if conv_mod.mkldnn_conv_supported(torch.float32):
-        assert stats["packed_calls"] == 4 and stats["fallback_calls"] == 0
+        assert paths["conv:packed"] == 4 and paths["conv:plain"] == 0
         assert y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, F.silu(ref + other) / 2.0, rtol=1e-5, atol=1e-5)
@@ -143,13 +141,13 @@ def test_conv_reference_backend_autograd_and_pickling():
     torch.manual_seed(3)
     conv = Conv2d(4, 6, 3, padding=1)
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
-    packed_conv_stats(reset=True)
-    y = conv(x)  # grad needed: plain nn.Conv2d path
-    y.sum().backward()
-    assert x.grad is not None and conv.weight.grad is not None
-    with torch.no_grad(), ddpm_fast.backend("reference"):
-        conv(x)
-    assert packed_conv_stats()["packed_calls"] == 0
+    with fast_path.record_paths() as paths:
+        y = conv(x)  # grad needed: plain nn.Conv2d path
+        y.sum().backward()
+        assert x.grad is not None and conv.weight.grad is not None
+        with torch.no_grad(), ddpm_fast.backend("reference"):
+            conv(x)
+    assert paths["conv:packed"] == 0 and paths["conv:plain"] == 2
     with torch.no_grad():
         conv(x)  # packs
     clone = copy.deepcopy(conv)
@@ -167,18 +165,16 @@ def test_conv_falls_back_when_the_internal_ops_are_missing(monkeypatch):
     x = torch.randn(1, 4, 6, 6)
     monkeypatch.setattr(conv_mod, "_CAPABILITY", {})
     monkeypatch.setattr(conv_mod, "_mkldnn_ops_present", lambda: False)
-    monkeypatch.setattr(conv_mod, "_WARNED", set())
-    packed_conv_stats(reset=True)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        with torch.no_grad():
+    with pytest.warns(RuntimeWarning, match="packed convolutions are unavailable"):
+        with torch.no_grad(), fast_path.record_paths() as paths:
             y = conv(x)
-    assert packed_conv_stats()["packed_calls"] == 0
+    assert paths["conv:packed"] == 0 and paths["conv:plain"] == 1
     assert not conv_mod.mkldnn_conv_supported(torch.float32)
     torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
 
 
-def test_conv_falls_back_for_good_when_the_packed_call_fails(monkeypatch):
+def test_a_failing_packed_call_raises_instead_of_falling_back(monkeypatch):
+    """The oneDNN ops are probed once per dtype; after that a failure is a bug to see, not a silent slow path."""
     torch.manual_seed(5)
     conv = Conv2d(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 6, 6)
@@ -186,17 +182,14 @@ def test_conv_falls_back_for_good_when_the_packed_call_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated change of an internal op")
 
-    monkeypatch.setattr(Conv2d, "_packed_forward", broken)
-    monkeypatch.setattr(conv_mod, "_WARNED", set())
-    with pytest.warns(RuntimeWarning, match="falls back to F.conv2d"):
-        with torch.no_grad():
-            y = conv(x)
-    torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
-    assert conv._pack_failed
-    # A wrong input still gets PyTorch's own error, not a silent fallback.
-    with pytest.raises(RuntimeError):
-        with torch.no_grad():
-            Conv2d(4, 4, 3)(torch.randn(1, 5, 6, 6))
+    if not conv_mod.mkldnn_conv_supported(torch.float32):
+        pytest.skip("packed oneDNN convolutions unavailable in this torch build")
+    monkeypatch.setattr(Conv2d, "_packed", broken)
+    with pytest.raises(RuntimeError, match="simulated"), torch.no_grad():
+        conv(x)
+    # A wrong input gets PyTorch's own error.
+    with pytest.raises(RuntimeError), torch.no_grad():
+        Conv2d(4, 4, 3)(torch.randn(1, 5, 6, 6))
 
 
 def test_bf16_conv():
@@ -223,20 +216,18 @@ def test_unet_runs_every_conv_packed_and_channels_last():
             module.register_forward_pre_hook(
                 lambda mod, args, name=name: seen.append((name, args[0].is_contiguous(memory_format=CL)))
             )
-    packed_conv_stats(reset=True)
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), fast_path.record_paths() as stats:
         y = ours(x, 10).sample
-    stats = packed_conv_stats()
     # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
     # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers). At batch 1 only the 22 at 32x32
     # and 16x16 have WINOGRAD_MIN_TILES (64) tiles: 8 down-block, 12 up-block resnet convs, 2 upsamplers.
     # The 11 at 32x32 have 64 4x4 tiles and run as F(4x4); the 11 at 16x16 as F(2x2).
     assert conv_mod.WINOGRAD_MIN_TILES == 64
     winograd = 22 if ddpm_fast.ops.native_available() else 0
-    assert stats["winograd_calls"] == winograd and stats["packed_calls"] == 65 - winograd
-    assert stats["winograd_f4_calls"] == winograd // 2
-    assert stats["fallback_calls"] == 0 and len(seen) == 65 - 22
+    assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:packed"] == 65 - winograd
+    assert stats["conv:winograd4"] == winograd // 2
+    assert stats["conv:plain"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
     assert y.is_contiguous()  # output in the input's memory format
@@ -244,23 +235,16 @@ def test_unet_runs_every_conv_packed_and_channels_last():
         y_cl = ours(x.contiguous(memory_format=CL), 10).sample
     assert y_cl.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y_cl, y)
-    conv_mod.enable_winograd(False)
-    try:
-        packed_conv_stats(reset=True)
-        with torch.no_grad():
-            y_packed = ours(x, 10).sample
-        assert packed_conv_stats()["packed_calls"] == 65
-        conv_mod.enable_winograd(True, max_tile=2)
-        packed_conv_stats(reset=True)
-        with torch.no_grad():
-            y_f2 = ours(x, 10).sample
-        assert packed_conv_stats()["winograd_calls"] == winograd and packed_conv_stats()["winograd_f4_calls"] == 0
-    finally:
-        conv_mod.enable_winograd(True)
+    with ddpm_fast.winograd(0), torch.no_grad(), fast_path.record_paths() as stats:
+        y_packed = ours(x, 10).sample
+    assert stats["conv:packed"] == 65
+    with ddpm_fast.winograd(2), torch.no_grad(), fast_path.record_paths() as stats:
+        y_f2 = ours(x, 10).sample
+    assert stats["conv:winograd2"] == winograd and stats["conv:winograd4"] == 0
     torch.testing.assert_close(y_packed, y, rtol=0, atol=2e-5)
     torch.testing.assert_close(y_f2, y, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="max_tile"):
-        conv_mod.enable_winograd(True, max_tile=3)
+        ddpm_fast.set_winograd(3)
 
 
 def test_unet_batch16_runs_all_eligible_convs_as_winograd():
@@ -268,15 +252,13 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
         pytest.skip("needs packed oneDNN convolutions and the native kernels")
     ref, ours = _pair(CIFAR10_32)
     x = torch.randn(16, 3, 32, 32)
-    packed_conv_stats(reset=True)
-    with torch.no_grad():
+    with torch.no_grad(), fast_path.record_paths() as stats:
         y = ours(x, 10).sample
         expected = ref(x, 10).sample
-    stats = packed_conv_stats()
     # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 2x2 tiles: all 47 eligible convolutions run as Winograd,
     # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4
-    assert stats["winograd_calls"] == 47 and stats["packed_calls"] == 18 and stats["fallback_calls"] == 0
-    assert stats["winograd_f4_calls"] == 33
+    assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:packed"] == 18
+    assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == 33
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 
 
@@ -348,7 +330,7 @@ def test_pipeline_bf16_cifar10_32_close_to_fp32(monkeypatch):
     pipe.unet.to(torch.bfloat16)
     bf16 = _images(pipe, 10)
     assert bf16.dtype == np.float32
-    monkeypatch.setattr(ddpm_fast.ops, "_native_ops", lambda: None)  # PyTorch composites, same precision
+    monkeypatch.setattr(ddpm_fast.ops, "_native_covers", lambda *tensors: False)  # PyTorch composites, same precision
     bf16_torch = _images(pipe, 10)
     err, err_torch = np.abs(bf16 - fp32).max(), np.abs(bf16_torch - fp32).max()
     assert err <= max(2 * err_torch, 2e-2), (err, err_torch)
@@ -367,7 +349,7 @@ def test_graph_step_program_matches_pipeline_loop_on_cpu(scheduler_name):
     expected = _images(pipe, 8, batch=2, seed=3)
 
     scheduler.set_timesteps(8)
-    plan = cuda_graphs.plan_schedule(scheduler)
+    plan = scheduler.step_plan()
     assert plan is not None and len(plan.timesteps) == 8 and plan.clip == 1.0
     gen = torch.Generator("cpu").manual_seed(3)
     image = torch.randn((2, 3, 16, 16), generator=gen)
@@ -380,10 +362,16 @@ def test_graph_step_program_matches_pipeline_loop_on_cpu(scheduler_name):
 def test_graph_plan_refuses_what_the_fused_step_cannot_express():
     sched = ddpm_fast.DDPMScheduler(variance_type="learned_range")
     sched.set_timesteps(4)
-    assert cuda_graphs.plan_schedule(sched) is None
+    assert sched.step_plan() is None
     sched = ddpm_fast.DDPMScheduler(thresholding=True)
     sched.set_timesteps(4)
-    assert cuda_graphs.plan_schedule(sched) is None
+    assert sched.step_plan() is None
+    sched = ddpm_fast.DDIMScheduler()
+    sched.set_timesteps(4)
+    assert sched.step_plan() is not None
+    step = sched.step
+    sched.step = lambda *a, **k: step(*a, eta=0.5, **k)  # a wrapper (the CLI's --eta): arguments unknown
+    assert sched.step_plan() is None
 
 
 def test_graph_switches(monkeypatch):

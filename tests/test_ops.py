@@ -362,7 +362,7 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 12, 4, 4)
     op = torch.ops.ddpm_fast
     cases = [
-        (lambda: ops.group_norm_silu(x, 5), ValueError, "divide"),
+        (lambda: ops.group_norm_silu(x, 5), ValueError, "divisible"),
         (lambda: op.group_norm_silu(x, 5, None, None, 1e-5, None, True), RuntimeError, "divisible"),
         (lambda: ops.group_norm_silu(x, 4, torch.randn(11)), ValueError, "weight"),
         (lambda: op.group_norm_silu(x, 4, torch.randn(11), None, 1e-5, None, True), RuntimeError, "weight"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .backend import backend, get_backend, set_backend
+from .fast_path import backend, get_backend, set_backend, set_winograd, winograd
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ _LAZY = {
     "ImagePipelineOutput": "ddpm_fast.pipelines",
 }
 
-__all__ = ["backend", "get_backend", "set_backend", *_LAZY]
+__all__ = ["backend", "get_backend", "set_backend", "set_winograd", "winograd", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -165,7 +165,7 @@ def _sample(args: argparse.Namespace, dist) -> int:
     import torch
 
     from . import DDIMScheduler, DDPMPipeline
-    from .backend import backend as use_backend
+    from .fast_path import backend as use_backend
     from .sampling import (GRID_NAME, batch_indices, damaged_images, image_path, load_png, make_grid,
                            pending_batches, prepare_output_dir, remove_stale_temp_files, sample_sharded,
                            write_npz, write_png_atomic)

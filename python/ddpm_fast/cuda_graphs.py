@@ -4,36 +4,38 @@ At batch 1 the cifar10-32 UNet is a few hundred small kernels per step, so on a 
 kernel launches.  :class:`DenoiseStepGraph` records one step into a CUDA graph and replays it for every
 timestep of the loop.  Everything that changes from step to step lives on the device:
 
-* ``scheduler.timesteps`` and the fused step's coefficients (``x0 = a_x*x + a_e*eps`` (clamped), then
-  ``prev = c0*x0 + c1*x + c2*eps + s*noise``, the contract of :func:`ddpm_fast.ops.scheduler_step`) are
-  copied into device tables once per call; the graph reads row ``idx`` and increments ``idx`` itself.
+* the scheduler's :meth:`~ddpm_fast.schedulers.scheduling_utils.SchedulerMixin.step_plan` (timesteps and each
+  step's fused coefficients) is copied into device tables once per call; the graph's UNet reads timestep
+  ``idx``, its scheduler update is the native :func:`ddpm_fast.ops.scheduler_step_table`, which reads row ``idx``
+  of the coefficient table on the device, and the graph then increments ``idx`` itself;
 * the sample is a static buffer the graph updates in place;
 * the step noise is drawn outside the graph with the caller's generator, in the same shape, dtype, device
-  and order as the eager loop (so the same seed gives the same images), and copied into a static buffer.
+  and order as the eager loop (so the same seed gives the same images), and copied into a static buffer; a step
+  that draws none has a noise scale of 0 in its row, which the op skips.
 
 So a step costs one noise draw (when the scheduler draws one), one copy and one graph launch.
 
 Graphs are used only where that is safe: CUDA device, fused backend, UNet in eval mode, a scheduler whose
 every step the fused op can express (no thresholding, no learned variance), and a UNet that passes a
-capture with synchronisation checks on.  Any failure falls back to the eager loop with one warning.
-Turn them off with ``pipe.enable_cuda_graphs(False)`` or ``DDPM_FAST_CUDA_GRAPHS=0``.
+capture with synchronisation checks on.  A capture is redone when any of the UNet's parameters changed
+(however: see :mod:`ddpm_fast.models.prepared`); a failed capture falls back to the eager loop with one
+warning.  Turn graphs off with ``pipe.enable_cuda_graphs(False)`` or ``DDPM_FAST_CUDA_GRAPHS=0``.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from .backend import use_fused
+from . import fast_path, ops
+from .models.prepared import module_signature
+from .utils.warn import warn_once
 
-__all__ = ["DenoiseStepGraph", "StepPlan", "cuda_graphs_env_enabled", "plan_schedule", "GraphCache"]
+__all__ = ["DenoiseStepGraph", "GraphCache", "cuda_graphs_env_enabled", "sample_with_graph"]
 
 _ENV = "DDPM_FAST_CUDA_GRAPHS"
-_WARNED: set[str] = set()
 
 
 def cuda_graphs_env_enabled() -> bool:
@@ -44,64 +46,6 @@ def cuda_graphs_env_enabled() -> bool:
     if value in ("0", "false", "off", "no"):
         return False
     raise ValueError(f"environment variable {_ENV}={value!r}: expected 1/0 (or true/false, on/off)")
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """The per-step constants of a sampling loop, in the fused step's terms."""
-
-    timesteps: tuple[int, ...]
-    coefs: tuple[tuple[float, float, float, float, float, float], ...]  # (a_x, a_e, c0, c1, c2, noise_scale)
-    draws_noise: tuple[bool, ...]
-    clip: float | None
-
-
-def plan_schedule(scheduler) -> StepPlan | None:
-    """Express every step of ``scheduler.timesteps`` (as the pipeline calls ``scheduler.step``) in fused terms.
-
-    Returns None when some step cannot be expressed (thresholding, learned variance, a non-finite
-    coefficient, an unknown scheduler): the caller then runs the eager loop.
-    """
-    from .schedulers import DDIMScheduler, DDPMScheduler
-
-    cfg = scheduler.config
-    if getattr(cfg, "thresholding", False):
-        return None
-    try:
-        timesteps = [int(t) for t in scheduler.timesteps.tolist()]
-    except Exception:
-        return None
-    coefs, draws = [], []
-    if isinstance(scheduler, DDPMScheduler):
-        variance_type = getattr(scheduler, "variance_type", cfg.variance_type)
-        if variance_type in ("learned", "learned_range"):
-            return None
-        for t in timesteps:
-            c = scheduler._fused_coefs(t, scheduler._previous_int(t))
-            if c is None:
-                return None
-            draw = t > 0
-            coefs.append((*c.x0, *c.prev, c.noise_scale if draw else 0.0))
-            draws.append(draw)
-    elif isinstance(scheduler, DDIMScheduler):
-        # The pipeline calls step(model_output, t, image, generator=...): eta = 0, no noise drawn.
-        step = cfg.num_train_timesteps // scheduler.num_inference_steps
-        for t in timesteps:
-            c = scheduler._fused_coefs(t, t - step, 0.0, False)
-            if c is None:
-                return None
-            coefs.append((*c.x0, *c.prev, 0.0))
-            draws.append(False)
-    else:
-        return None
-    clip = float(cfg.clip_sample_range) if getattr(cfg, "clip_sample", False) else None
-    return StepPlan(tuple(timesteps), tuple(coefs), tuple(draws), clip)
 
 
 class DenoiseStepGraph:
@@ -150,13 +94,7 @@ class DenoiseStepGraph:
     def _step(self) -> None:
         t = self.t_table.index_select(0, self.idx)  # (1,): broadcast over the batch by the UNet
         eps = self.unet(self.sample, t, return_dict=False)[0]
-        c = self.coef_table.index_select(0, self.idx)[0]
-        x = self.sample.float()
-        e = eps.float()
-        x0 = x * c[0] + e * c[1]
-        if self.clip is not None:
-            x0 = x0.clamp_(-self.clip, self.clip)
-        prev = x0 * c[2] + x * c[3] + e * c[4] + self.noise.float() * c[5]
+        prev, _ = ops.scheduler_step_table(eps, self.sample, self.noise, self.coef_table, self.idx, self.clip)
         self.sample.copy_(prev)
         self.idx.add_(1)
 
@@ -186,7 +124,7 @@ class DenoiseStepGraph:
         self.graph = graph
 
     # -- running -------------------------------------------------------------------------------------
-    def load(self, plan: StepPlan, image: torch.Tensor) -> None:
+    def load(self, plan, image: torch.Tensor) -> None:
         """Copy ``plan``'s tables and the starting ``image`` into the static buffers."""
         n = len(plan.timesteps)
         if n > self.table_size:
@@ -197,7 +135,7 @@ class DenoiseStepGraph:
             raise ValueError("the plan's clip range differs from the captured one")
         pin = self.device.type == "cuda"
         ts = torch.tensor(plan.timesteps, dtype=torch.long)
-        cs = torch.tensor(plan.coefs, dtype=torch.float64).to(torch.float32)  # same rounding as the fp32 kernel
+        cs = plan.table()  # rounded from float64 once, as the eager fused step's scalars are
         if pin:
             ts, cs = ts.pin_memory(), cs.pin_memory()
         self.t_table[:n].copy_(ts, non_blocking=pin)
@@ -218,7 +156,7 @@ class DenoiseStepGraph:
 
     def run(
         self,
-        plan: StepPlan,
+        plan,
         image: torch.Tensor,
         draw_noise: Callable[[], torch.Tensor],
         progress: Callable[[Iterable], Iterable] | None = None,
@@ -233,19 +171,14 @@ class DenoiseStepGraph:
         return self.sample.clone(memory_format=torch.preserve_format)
 
 
-def _param_signature(module: torch.nn.Module) -> tuple:
-    # Graphs bake in parameter addresses: .to() / load_state_dict(assign=True) must invalidate them.
-    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
-
-
 class GraphCache:
     """The pipeline's graphs, keyed by everything a capture depends on; failures are remembered."""
 
     def __init__(self, max_entries: int = 4):
         self.enabled = True
         self.max_entries = max_entries
-        self._graphs: dict[tuple, DenoiseStepGraph] = {}
-        self._failed: dict[tuple, str] = {}
+        self._graphs: dict[tuple, tuple[tuple, DenoiseStepGraph]] = {}  # key -> (parameter signature, graph)
+        self._failed: dict[tuple, tuple[tuple, str]] = {}  # key -> (parameter signature, why)
         self.last_used = False  # whether the latest sampling call replayed a graph
         self.last_reason: str | None = None  # why it did not, if it did not
 
@@ -261,7 +194,7 @@ class GraphCache:
             return f"disabled ({_ENV}=0)"
         if image.device.type != "cuda" or not torch.cuda.is_available():
             return "not a CUDA device"
-        if not use_fused():
+        if not fast_path.fused_backend():
             return "reference backend"
         if unet.training:
             return "unet in training mode"
@@ -269,32 +202,37 @@ class GraphCache:
             return "gradients enabled"
         return None
 
-    def get(self, unet: torch.nn.Module, image: torch.Tensor, plan: StepPlan, table_size: int) -> DenoiseStepGraph | None:
+    def get(self, unet: torch.nn.Module, image: torch.Tensor, plan, table_size: int) -> DenoiseStepGraph | None:
         key = (
             id(unet), tuple(image.shape), image.dtype, str(image.device), plan.clip, table_size,
             image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous(),
-            _param_signature(unet),
         )
-        if key in self._failed:
-            self.last_reason = self._failed[key]
+        # A graph bakes in parameter addresses and the prepared copies made while capturing: after any change to
+        # a parameter (new storage, in place, through .data) it is captured again.
+        signature = module_signature(unet)
+        if self._failed.get(key, (None,))[0] == signature:
+            self.last_reason = self._failed[key][1]
             return None
-        graph = self._graphs.get(key)
-        if graph is None:
+        entry = self._graphs.pop(key, None)
+        if entry is not None and entry[0] == signature:
+            self._graphs[key] = entry  # most recently used last
+            return entry[1]
+        del entry  # release the stale graph's memory before capturing its successor
+        try:
+            graph = DenoiseStepGraph(unet, image, plan.clip, table_size, capture=True)
+        except RuntimeError as exc:  # a step that syncs or an op capture refuses: run the eager loop
+            reason = f"capture failed: {type(exc).__name__}: {exc}"
+            self._failed[key] = (signature, reason)
+            self.last_reason = reason
+            warn_once(f"cuda-graph-capture-{type(exc).__name__}", f"ddpm_fast: CUDA graph {reason}; running eagerly")
             try:
-                graph = DenoiseStepGraph(unet, image, plan.clip, table_size, capture=True)
-            except Exception as exc:  # capture is best effort: fall back to the eager loop
-                reason = f"capture failed: {type(exc).__name__}: {exc}"
-                self._failed[key] = reason
-                self.last_reason = reason
-                _warn_once(f"capture-{type(exc).__name__}", f"ddpm_fast: CUDA graph {reason}; running eagerly")
-                try:
-                    torch.cuda.synchronize(image.device)
-                except Exception:
-                    pass
-                return None
-            if len(self._graphs) >= self.max_entries:
-                self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = graph
+                torch.cuda.synchronize(image.device)
+            except RuntimeError:  # the failed capture left an error on the stream; the eager loop reports it
+                pass
+            return None
+        if len(self._graphs) >= self.max_entries:
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = (signature, graph)
         return graph
 
 
@@ -310,7 +248,7 @@ def sample_with_graph(
     cache.last_used = False
     reason = cache.usable(unet, image)
     if reason is None:
-        plan = plan_schedule(scheduler)
+        plan = scheduler.step_plan() if hasattr(scheduler, "step_plan") else None
         if plan is None:
             reason = "scheduler configuration not expressible as the fused step"
         else:

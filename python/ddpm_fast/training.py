@@ -297,7 +297,7 @@ def _train(cfg: TrainConfig, dist, device: torch.device) -> Path:
     from torch.nn.parallel import DistributedDataParallel
 
     from . import DDPMScheduler, UNet2DModel
-    from .backend import backend as use_backend
+    from .fast_path import backend as use_backend
     from .data import load_training_data
     from .distributed import maybe_inject_failure
 

@@ -1,254 +1,434 @@
-"""Kernel microbenchmarks: each native op against the PyTorch ops it replaces, side by side in one run.
+"""Kernel benchmark: each native op (through :mod:`ddpm_fast.ops`) against the PyTorch ops it replaces, at every
+shape the UNets run, on the CPU or a CUDA GPU, with one shape list and one JSON schema for both.
 
-For GroupNorm+SiLU (with and without the time-embedding add), attention, the Winograd 3x3 convolution and
-the scheduler step, at the shapes of the cifar10-32 and 256-px google/ddpm UNets, batch 1 and 16: the median
-PyTorch time, the median fused time, the speedup, and the fused op's effective bandwidth next to a copy
-bandwidth measured in the same run. The two sides are timed in interleaved rounds so machine noise hits both alike.
+The shapes are read off the models: ddpm_fast's UNet of each architecture runs once on the meta device (reference
+backend) and every GroupNorm (with SiLU after it, with the time-embedding add before it, or plain inside
+attention), attention, 3x3 stride-1 convolution and the scheduler step's sample is recorded, at each requested
+batch size; each row says which (architecture, batch) uses it and how many times per forward. The PyTorch side and
+the fused side are timed in interleaved rounds (CUDA events on the GPU); rows give both medians, the speedup
+(PyTorch / fused) as a ratio of medians and as the median of per-round ratios, the outputs' max |diff|, and the fused
+op's effective GB/s (every input read once, every output written once).
 
-    python -m ddpm_fast.bench kernels [--json PATH] [--quick] [--dtype float32] [--rounds 7] [--threads N]
+    python -m ddpm_fast.bench kernels [--device cpu|cuda] [--dtypes fp32] [--ops ...] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from .. import _native, ops
+import ddpm_fast
 
-# (N, C, H, W, groups): cifar10-32 UNet (128..256 channels, 32..4 px) and 256-px UNet (128..512, 256..8 px).
-GN_SHAPES = [
-    (1, 256, 16, 16), (1, 128, 32, 32), (16, 128, 32, 32), (1, 256, 8, 8), (16, 256, 16, 16),
-    (1, 128, 256, 256), (1, 256, 64, 64), (1, 512, 16, 16), (16, 512, 16, 16),
-]
-GN_QUICK = [(1, 256, 16, 16), (1, 128, 32, 32), (16, 128, 32, 32)]
-# (B, H, S, D): head_dim = channels, one head; S = 16x16 (both models) and 8x8 / 4x4 mid blocks.
-ATTN_SHAPES = [(1, 1, 256, 256), (1, 1, 256, 512), (16, 1, 256, 256), (16, 1, 256, 512), (1, 1, 64, 256), (1, 1, 1024, 512)]
-ATTN_QUICK = [(1, 1, 256, 256), (1, 1, 256, 512)]
-# (N, C_in, C_out, H): the 3x3 stride-1 convolutions that take the Winograd path in both UNets.
-CONV_SHAPES = [(1, 128, 128, 32), (1, 256, 256, 16), (1, 512, 256, 16), (1, 384, 128, 32), (16, 128, 128, 32),
-               (16, 256, 256, 8), (1, 128, 128, 256), (1, 256, 256, 64)]
-CONV_QUICK = [(1, 128, 128, 32), (1, 256, 256, 16)]
-STEP_SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (1, 3, 256, 256), (16, 3, 256, 256)]
-STEP_QUICK = [(1, 3, 32, 32)]
+from .. import _native, fast_path, ops
+from . import common
+
+OPS = ("attention", "scheduler_step", "scheduler_step_table", "group_norm_silu", "conv3x3_winograd")
+DEFAULT_CONFIGS = [("cifar10-32", 1), ("cifar10-32", 16), ("cifar10-32", 64), ("256px", 1), ("256px", 8)]
+QUICK_CONFIGS = [("cifar10-32", 1), ("256px", 1)]
+# The scheduler-step coefficients timed (any finite values do: the op's cost does not depend on them).
+STEP_COEFS = (1.02, -0.2, 0.3, 0.7, 0.0, 0.05)  # a_x, a_e, c0, c1, c2, noise_scale
+STEP_CLIP = 1.0
+
+NOTES = (
+    "torch_ms / fused_ms: medians over interleaved rounds of one call; speedup = torch_ms / fused_ms; "
+    "speedup_per_round = median over rounds of torch / fused; fused_GBps counts every input read once and every "
+    "output written once; max_abs_diff compares the fused output with the PyTorch one; 'others' are further "
+    "candidates timed in the same rounds (speedup_of_fused = their median / fused_ms); used_by lists the "
+    "(architecture, batch) forwards that run the shape, with calls per forward."
+)
 
 
-def _time_pair(fns: dict[str, Callable[[], object]], rounds: int, min_time: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
-    for fn in fns.values():  # warm up, and size the inner loop so one round takes >= min_time
+# -- the shapes the UNets run ------------------------------------------------------------------------------
+
+
+def traced_layers(arch: str) -> dict[str, dict[tuple, int]]:
+    """Per batch-1 forward of ``arch``: ``{"group_norm_silu": {(variant, C, H, W, groups, eps): calls}, "attention":
+    {(heads, S, D): calls}, "conv3x3_winograd": {(C_in, C_out, H, W): calls}}``, by running ddpm_fast's UNet on
+    the meta device under the reference backend (every layer is then the plain nn module diffusers uses)."""
+    from ..models.attention import Attention
+
+    cfg = common.ARCHS[arch]["unet"]
+    with torch.device("meta"):
+        unet = ddpm_fast.UNet2DModel(**cfg).eval()
+    found: dict[str, dict[tuple, int]] = {"group_norm_silu": {}, "attention": {}, "conv3x3_winograd": {}}
+
+    def count(kind: str, key: tuple) -> None:
+        found[kind][key] = found[kind].get(key, 0) + 1
+
+    def hook(name: str, module: torch.nn.Module):
+        def pre(mod, args):
+            x = args[0]
+            if isinstance(mod, Attention):
+                _, c, h, w = x.shape
+                count("attention", (mod.heads, h * w, mod.inner_dim // mod.heads))
+                if mod.group_norm is not None:  # the attention's GroupNorm runs on the 4-D input, no SiLU
+                    g = mod.group_norm
+                    count("group_norm_silu", ("plain", c, h, w, g.num_groups, g.eps))
+            elif isinstance(mod, torch.nn.GroupNorm):
+                if name.endswith(".group_norm"):
+                    return  # counted with its Attention above
+                variant = "temb" if name.endswith("norm2") else "silu"
+                count("group_norm_silu", (variant, x.shape[1], x.shape[2], x.shape[3], mod.num_groups, mod.eps))
+            elif (isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3) and mod.stride == (1, 1)
+                  and mod.padding == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1):
+                count("conv3x3_winograd", (mod.in_channels, mod.out_channels, x.shape[2], x.shape[3]))
+        return module.register_forward_pre_hook(pre)
+
+    handles = [hook(n, m) for n, m in unet.named_modules()
+               if isinstance(m, (Attention, torch.nn.GroupNorm, torch.nn.Conv2d))]
+    size = cfg["sample_size"]
+    with torch.no_grad(), ddpm_fast.backend("reference"):
+        unet(torch.empty(1, cfg["in_channels"], size, size, device="meta"), torch.tensor([10], device="meta"))
+    for h in handles:
+        h.remove()
+    return found
+
+
+def unet_cases(configs: list[tuple[str, int]], wanted: set[str]) -> list[dict[str, Any]]:
+    """One case per distinct (op, variant, shape) over the (arch, batch) configs, in op order."""
+    cases: dict[tuple, dict[str, Any]] = {}
+
+    def add(op: str, variant: str, shape: tuple, params: dict, use: str) -> None:
+        key = (op, variant, shape, tuple(sorted(params.items())))
+        case = cases.setdefault(key, {"op": op, "variant": variant, "shape": list(shape), "params": params,
+                                      "used_by": []})
+        case["used_by"].append(use)
+
+    traces = {arch: traced_layers(arch) for arch in dict.fromkeys(a for a, _ in configs)}
+    for arch, batch in configs:
+        cfg = common.ARCHS[arch]["unet"]
+        for (heads, s, d), n in traces[arch]["attention"].items():
+            for layout in ("unet_views", "contiguous"):
+                add("attention", layout, (batch, heads, s, d), {}, f"{arch} b{batch} x{n}")
+        sample = (batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+        add("scheduler_step", "clip", sample, {}, f"{arch} b{batch} x1 per step")
+        add("scheduler_step_table", "clip", sample, {}, f"{arch} b{batch} x1 per step (CUDA graphs)")
+        for (variant, c, h, w, groups, eps), n in traces[arch]["group_norm_silu"].items():
+            add("group_norm_silu", variant, (batch, c, h, w), {"groups": groups, "eps": eps}, f"{arch} b{batch} x{n}")
+        for (ci, co, h, w), n in traces[arch]["conv3x3_winograd"].items():
+            add("conv3x3_winograd", "residual", (batch, ci, co, h, w), {}, f"{arch} b{batch} x{n}")
+    order = {op: i for i, op in enumerate(OPS)}
+    return sorted((c for c in cases.values() if c["op"] in wanted), key=lambda c: order[c["op"]])
+
+
+# -- per-op benchmarks: each returns the candidates to time (name -> fn), the output pair to compare and facts
+
+
+def _randn(shape, dtype, device, gen) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+def _group_norm_case(case, dtype, device, gen):
+    n, c, h, w = case["shape"]
+    groups, eps = case["params"]["groups"], case["params"]["eps"]
+    x = _randn((n, c, h, w), dtype, device, gen).contiguous(memory_format=torch.channels_last)
+    gamma, beta, temb = _randn((c,), dtype, device, gen), _randn((c,), dtype, device, gen), _randn((n, c), dtype, device, gen)
+    variant = case["variant"]
+    if variant == "temb":
+        baseline = "F.silu(F.group_norm(x + temb[:, :, None, None]))"
+        torch_fn = lambda: F.silu(F.group_norm(x + temb[:, :, None, None], groups, gamma, beta, eps))
+        fused = lambda: ops.group_norm_silu(x, groups, gamma, beta, eps, temb=temb)
+    elif variant == "silu":
+        baseline = "F.silu(F.group_norm(x))"
+        torch_fn = lambda: F.silu(F.group_norm(x, groups, gamma, beta, eps))
+        fused = lambda: ops.group_norm_silu(x, groups, gamma, beta, eps)
+    else:
+        baseline = "F.group_norm(x)"
+        torch_fn = lambda: F.group_norm(x, groups, gamma, beta, eps)
+        fused = lambda: ops.group_norm_silu(x, groups, gamma, beta, eps, silu=False)
+    return {"torch": torch_fn, "fused": fused}, baseline, {"bytes": 2 * x.numel() * x.element_size(),
+                                                          "layout": "channels_last"}
+
+
+class _SeesSDPA(TorchFunctionMode):
+    """Notes whether F.scaled_dot_product_attention ran inside the block."""
+
+    called = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.called = True
+        return func(*args, **(kwargs or {}))
+
+
+def _routes_to_sdpa(fn: Callable[[], Any]) -> bool:
+    """Whether ``fn`` (an ops.attention call) ends in PyTorch's SDPA rather than the native kernel."""
+    with torch.inference_mode(), _SeesSDPA() as seen:
         fn()
-    reps = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        dt = max(time.perf_counter() - t0, 1e-7)
-        reps[name] = max(1, min(1000, int(min_time / dt)))
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / reps[name])
-    return {n: statistics.median(s) for n, s in samples.items()}
+    return seen.called
 
 
-def copy_bandwidth(rounds: int) -> float:
-    """GB/s of a 64 MB tensor copy (read + write counted), the memory ceiling for elementwise work."""
-    src = torch.randn(16 * 1024 * 1024)
-    dst = torch.empty_like(src)
-    t = _time_pair({"copy": lambda: dst.copy_(src)}, rounds)["copy"]
-    return 2 * src.numel() * 4 / t / 1e9
-
-
-def _row(op: str, shape, extra: dict, t_torch: float, t_fused: float, nbytes: int, baseline: str) -> dict:
-    return {
-        "op": op, "shape": list(shape), **extra, "baseline": baseline,
-        "torch_ms": t_torch * 1e3, "fused_ms": t_fused * 1e3, "speedup": t_torch / t_fused,
-        "fused_GBps": nbytes / t_fused / 1e9,
+def _attention_case(case, dtype, device, gen):
+    b, h, s, d = case["shape"]
+    if case["variant"] == "unet_views":  # the UNet's layout: one (B, S, 3HD) projection split into strided views
+        packed = _randn((b, s, 3 * h * d), dtype, device, gen)
+        q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in packed.split(h * d, dim=-1))
+    else:
+        q, k, v = (_randn((b, h, s, d), dtype, device, gen) for _ in range(3))
+    fns: dict[str, Callable[[], Any]] = {
+        "torch": lambda: F.scaled_dot_product_attention(q, k, v),
+        "fused": lambda: ops.attention(q, k, v),
     }
+    facts: dict[str, Any] = {"bytes": 4 * b * h * s * d * q.element_size(), "flops": 4.0 * b * h * s * s * d}
+    if _routes_to_sdpa(fns["fused"]):
+        # ops.attention sends this shape to SDPA (its routing rule); time the kernel itself too, to show why.
+        facts["route"] = "SDPA" + (f" (CPU, fewer than ops.CPU_ATTENTION_MIN_KEYS={ops.CPU_ATTENTION_MIN_KEYS} keys)"
+                                   if device.type == "cpu" and s < ops.CPU_ATTENTION_MIN_KEYS else "")
+        fns["kernel"] = lambda: torch.ops.ddpm_fast.attention.default(q, k, v, None)
+    return fns, "F.scaled_dot_product_attention", facts
 
 
-def bench_group_norm(shapes, dtype, rounds) -> list[dict]:
-    rows = []
-    for n, c, h, w in shapes:
-        x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        gamma, beta, temb = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype), torch.randn(n, c, dtype=dtype)
-        nbytes = 2 * x.numel() * x.element_size()
-        t = _time_pair({
-            "torch": lambda: F.silu(F.group_norm(x, 32, gamma, beta, 1e-5)),
-            "fused": lambda: ops.group_norm_silu(x, 32, gamma, beta, 1e-5),
-        }, rounds)
-        rows.append(_row("group_norm_silu", (n, c, h, w), {"temb": False}, t["torch"], t["fused"], nbytes,
-                         "F.silu(F.group_norm(x))"))
-        t = _time_pair({
-            "torch": lambda: F.silu(F.group_norm(x + temb[:, :, None, None], 32, gamma, beta, 1e-5)),
-            "fused": lambda: ops.group_norm_silu(x, 32, gamma, beta, 1e-5, temb=temb),
-        }, rounds)
-        rows.append(_row("group_norm_silu", (n, c, h, w), {"temb": True}, t["torch"], t["fused"], nbytes,
-                         "F.silu(F.group_norm(x + temb[:, :, None, None]))"))
-    return rows
+def _step_torch(eps, x, noise, a_x, a_e, c0, c1, c2, ns, clip):
+    """The step as diffusers computes it: elementwise PyTorch ops in the sample's dtype."""
+    x0 = (a_x * x + a_e * eps).clamp(-clip, clip)
+    return c0 * x0 + c1 * x + c2 * eps + ns * noise, x0
 
 
-def bench_attention(shapes, dtype, rounds) -> list[dict]:
-    rows = []
-    for b, h, s, d in shapes:
-        contiguous = [torch.randn(b, h, s, d, dtype=dtype) for _ in range(3)]
-        # The UNet's layout: one (B, S, 3C) projection split into (B, 1, S, C) views.
-        packed = torch.randn(b, s, 3 * d, dtype=dtype)
-        views = [t.unsqueeze(1) for t in packed.split(d, dim=-1)] if h == 1 else contiguous
-        for layout, (q, k, v) in (("contiguous", contiguous), ("unet_views", views)):
-            if layout == "unet_views" and h != 1:
-                continue
-            nbytes = 4 * b * h * s * d * q.element_size()
-            t = _time_pair({
-                "torch": lambda: F.scaled_dot_product_attention(q, k, v),
-                "fused": lambda: ops.attention(q, k, v),
-            }, rounds)
-            row = _row("attention", (b, h, s, d), {"layout": layout}, t["torch"], t["fused"], nbytes,
-                       "F.scaled_dot_product_attention")
-            row["fused_GFLOPs"] = 4 * b * h * s * s * d / t["fused"] / 1e9
-            rows.append(row)
-    return rows
-
-
-def bench_conv3x3(shapes, dtype, rounds) -> list[dict]:
-    """Winograd F(2x2, 3x3) and F(4x4, 3x3) against F.conv2d (what diffusers runs) and against the same
-    convolution on the packed oneDNN path (ddpm_fast's own alternative), fp32 channels_last, bias and residual
-    folded in. One row per tile size; all four are timed side by side."""
-    from ..models.conv import Conv2d
-
-    rows = []
-    if dtype != torch.float32:
-        return rows  # the Winograd op is fp32 only
-    for n, c, o, h in shapes:
-        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
-        res = torch.randn(n, o, h, h).contiguous(memory_format=torch.channels_last)
-        conv = Conv2d(c, o, 3, padding=1).eval()
-        with torch.no_grad():
-            w, b = conv.weight.detach(), conv.bias.detach()
-            u = {tile: ops.winograd_weight(w, tile) for tile in (2, 4)}
-            packed = _packed_only(conv)
-            t = _time_pair({
-                "torch": lambda: F.conv2d(x, w, b, padding=1) + res,
-                "packed": lambda: packed.forward_fused(x, res),
-                "F2": lambda: ops.conv3x3_winograd(x, u[2], b, residual=res),
-                "F4": lambda: ops.conv3x3_winograd(x, u[4], b, residual=res),
-            }, rounds)
-        for tile in (2, 4):
-            row = _row("conv3x3_winograd", (n, c, o, h, h), {"layout": f"F{tile}x{tile} +residual"}, t["torch"],
-                       t[f"F{tile}"], (x.numel() + 2 * res.numel()) * 4, "F.conv2d(x, w, b, padding=1) + residual")
-            row["tile"] = tile
-            row["packed_ms"] = t["packed"] * 1e3
-            row["speedup_vs_packed"] = t["packed"] / t[f"F{tile}"]
-            row["fused_equiv_GFLOPs"] = 2 * n * c * o * 9 * h * h / t[f"F{tile}"] / 1e9
-            rows.append(row)
-    return rows
-
-
-def _packed_only(conv):
-    """The layer with the Winograd route switched off for it alone (its packed oneDNN path)."""
-    conv._winograd_failed = True
-    return conv
-
-
-def bench_scheduler_step(shapes, dtype, rounds) -> list[dict]:
-    rows = []
-    try:
-        from diffusers import DDPMScheduler as DiffusersDDPM
-    except ImportError:  # diffusers is only a test dependency
-        DiffusersDDPM = None
-    try:
-        from ddpm_fast import DDPMScheduler as FastDDPM
-    except (ImportError, AttributeError):
-        FastDDPM = None
-    for shape in shapes:
-        eps, x = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
-        nbytes = 5 * x.numel() * x.element_size()  # eps, x, noise in; prev, x0 out
+def _scheduler_cases(case, dtype, device, gen):
+    shape = case["shape"]
+    eps, x, noise = (_randn(shape, dtype, device, gen) for _ in range(3))
+    a_x, a_e, c0, c1, c2, ns = STEP_COEFS
+    fns: dict[str, Callable[[], Any]] = {"torch": lambda: _step_torch(eps, x, noise, *STEP_COEFS, STEP_CLIP)}
+    if case["op"] == "scheduler_step":
+        fns["fused"] = lambda: ops.scheduler_step(eps, x, noise, (a_x, a_e), (c0, c1, c2), ns, STEP_CLIP)
+        baseline = "PyTorch elementwise ops (diffusers' step arithmetic)"
+        # whole scheduler steps, the host-side work included, for context
         t_step = 500
-        fns: dict[str, Callable[[], object]] = {}
-        if DiffusersDDPM is not None:
-            ref = DiffusersDDPM(num_train_timesteps=1000)
+        try:
+            import diffusers
+
+            ref = diffusers.DDPMScheduler(num_train_timesteps=1000)
             ref.set_timesteps(1000)
-            gen = torch.Generator().manual_seed(0)
-            fns["diffusers"] = lambda: ref.step(eps, t_step, x, generator=gen)
-        if FastDDPM is not None:
-            fast = FastDDPM(num_train_timesteps=1000)
-            fast.set_timesteps(1000)
-            gen2 = torch.Generator().manual_seed(0)
-            fns["ddpm_fast_scheduler"] = lambda: fast.step(eps, t_step, x, generator=gen2)
-        noise = torch.randn(shape, dtype=dtype)
-        fns["op"] = lambda: ops.scheduler_step(eps, x, noise, (1.02, -0.2), (0.3, 0.7, 0.0), 0.05, 1.0)
-        fns["torch_composite"] = lambda: _composite_step(eps, x, noise)
-        t = _time_pair(fns, rounds)
-        base_name = "diffusers" if "diffusers" in t else "torch_composite"
-        fused_name = "ddpm_fast_scheduler" if "ddpm_fast_scheduler" in t else "op"
-        row = _row("scheduler_step", shape, {"fused": fused_name}, t[base_name], t[fused_name], nbytes,
-                   "diffusers DDPMScheduler.step" if base_name == "diffusers" else "PyTorch elementwise composite")
-        row["op_ms"] = t["op"] * 1e3
-        row["torch_composite_ms"] = t["torch_composite"] * 1e3
-        row["speedup_op_vs_baseline"] = t[base_name] / t["op"]
+            g1 = torch.Generator(device).manual_seed(0)
+            fns["diffusers DDPMScheduler.step"] = lambda: ref.step(eps, t_step, x, generator=g1)
+        except ImportError:
+            pass
+        fast = ddpm_fast.DDPMScheduler(num_train_timesteps=1000)
+        fast.set_timesteps(1000)
+        g2 = torch.Generator(device).manual_seed(0)
+        fns["ddpm_fast DDPMScheduler.step"] = lambda: fast.step(eps, t_step, x, generator=g2)
+    else:
+        table = torch.tensor([STEP_COEFS] * 4, dtype=torch.float32, device=device)
+        index = torch.tensor([2], dtype=torch.long, device=device)
+
+        def torch_table():  # what a CUDA graph replays without the op: coefficients read on the device
+            r = table.index_select(0, index)[0].to(dtype)
+            x0 = (r[0] * x + r[1] * eps).clamp(-STEP_CLIP, STEP_CLIP)
+            return r[2] * x0 + r[3] * x + r[4] * eps + r[5] * noise, x0
+
+        fns["torch"] = torch_table
+        fns["fused"] = lambda: ops.scheduler_step_table(eps, x, noise, table, index, STEP_CLIP)
+        baseline = "PyTorch elementwise ops, coefficients indexed on the device"
+    return fns, baseline, {"bytes": 5 * x.numel() * x.element_size()}
+
+
+def _conv_case(case, dtype, device, gen):
+    from ..models.conv import Conv2d, conv_path
+
+    n, c, o, h, w = case["shape"]
+    x = _randn((n, c, h, w), dtype, device, gen).contiguous(memory_format=torch.channels_last)
+    res = _randn((n, o, h, w), dtype, device, gen).contiguous(memory_format=torch.channels_last)
+    # built outside inference mode (a layer whose parameters were made inside it cannot prepare weights)
+    conv = Conv2d(c, o, 3, padding=1).eval().requires_grad_(False)
+    wt, b = conv.weight.detach(), conv.bias.detach()
+    u = {tile: ops.winograd_weight(wt, tile) for tile in (2, 4)}
+
+    def packed():
+        with ddpm_fast.winograd(0):
+            return conv.forward_fused(x, res)
+
+    with torch.inference_mode():
+        choice = conv_path(conv, x, res)
+        with ddpm_fast.winograd(0), fast_path.record_paths() as paths:
+            packed()
+    fns = {
+        "torch": lambda: F.conv2d(x, wt, b, padding=1) + res,
+        "F2": lambda: ops.conv3x3_winograd(x, u[2], b, residual=res),
+        "F4": lambda: ops.conv3x3_winograd(x, u[4], b, residual=res),
+        "packed oneDNN": packed,
+    }
+    facts = {"bytes": (x.numel() + 2 * res.numel()) * 4, "direct_flops": 2.0 * n * c * o * 9 * h * w,
+             "layer_path": choice, "paths": {"packed oneDNN": sorted(p for p in paths if p.startswith("conv:"))}}
+    return fns, "F.conv2d(x, w, b, padding=1) + residual", facts
+
+
+BUILDERS = {"group_norm_silu": _group_norm_case, "attention": _attention_case, "scheduler_step": _scheduler_cases,
+            "scheduler_step_table": _scheduler_cases, "conv3x3_winograd": _conv_case}
+
+
+def op_skip_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``op`` has no rows here, or None."""
+    if not _native.available():
+        return f"native extension unavailable: {_native.load_error()}"
+    if device.type == "cuda" and not _native.has_cuda():
+        return f"ddpm_fast's CUDA kernels are not loaded (ddpm_fast._native.has_cuda() is False: {_native.cuda_error()})"
+    if not hasattr(torch.ops.ddpm_fast, op):
+        return f"torch.ops.ddpm_fast.{op} is not in this build of the extension"
+    if op == "conv3x3_winograd" and device.type != "cpu":
+        return "CPU-only op (CUDA convolutions go to cuDNN)"
+    if op == "conv3x3_winograd" and dtype != torch.float32:
+        return "fp32-only op"
+    return None
+
+
+def bench_case(case: dict[str, Any], dtype: torch.dtype, device: torch.device, rounds: int, min_time: float,
+               seed: int) -> list[dict[str, Any]]:
+    gen = torch.Generator(device).manual_seed(seed)
+    base = {"op": case["op"], "variant": case["variant"], "shape": case["shape"], "dtype": common.dtype_name(dtype),
+            "used_by": case["used_by"]}
+    fns, baseline, facts = BUILDERS[case["op"]](case, dtype, device, gen)
+    with torch.inference_mode():
+        outputs = {name: fns[name]() for name in ("torch", "fused", "F2", "F4") if name in fns}
+        samples, errors = common.interleaved(fns, rounds, device=device, min_time=min_time)
+    fused_names = ["F2", "F4"] if case["op"] == "conv3x3_winograd" else ["fused"]
+    rows = []
+    for fused in fused_names:
+        row = {**base, "baseline": baseline}
+        if case["op"] == "conv3x3_winograd":
+            row["variant"] = f"F{fused[1]}x{fused[1]} +residual"
+            row["tile"] = int(fused[1])
+            row["layer_path"] = facts["layer_path"]
+        if "route" in facts:
+            row["route"] = facts["route"]
+        if "torch" not in samples or fused not in samples:
+            row["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "not timed"
+            rows.append(row)
+            continue
+        t_torch, t_fused = common.median(samples["torch"]), common.median(samples[fused])
+        row.update({
+            "torch_ms": t_torch * 1e3, "fused_ms": t_fused * 1e3, "speedup": t_torch / t_fused,
+            "speedup_per_round": common.per_round_ratio(samples["torch"], samples[fused]),
+            "max_abs_diff": common.max_abs_diff(outputs[fused], outputs["torch"]),
+            "fused_GBps": facts["bytes"] / t_fused / 1e9,
+            "torch_ms_rounds": [s * 1e3 for s in samples["torch"]], "fused_ms_rounds": [s * 1e3 for s in samples[fused]],
+        })
+        if "flops" in facts:
+            row["fused_GFLOPs"] = facts["flops"] / t_fused / 1e9
+            row["torch_GFLOPs"] = facts["flops"] / t_torch / 1e9
+        if "direct_flops" in facts:
+            row["fused_equiv_GFLOPs"] = facts["direct_flops"] / t_fused / 1e9
+        others = {}
+        for name in fns:
+            if name in ("torch", "fused", "F2", "F4"):
+                continue
+            if name in samples:
+                others[name] = {"ms": common.median(samples[name]) * 1e3,
+                                "speedup_of_fused": common.median(samples[name]) / t_fused}
+                if name in facts.get("paths", {}):
+                    others[name]["paths"] = facts["paths"][name]
+            else:
+                others[name] = {"error": errors.get(name, "not timed")}
+        if others:
+            row["others"] = others
         rows.append(row)
     return rows
 
 
-def _composite_step(eps, x, noise):
-    x0 = (1.02 * x - 0.2 * eps).clamp(-1, 1)
-    return 0.3 * x0 + 0.7 * x + 0.05 * noise, x0
+def copy_bandwidth(device: torch.device, rounds: int) -> float:
+    """GB/s of a 64 MB tensor copy (read + write counted): the ceiling for elementwise work."""
+    src = torch.randn(16 * 1024 * 1024, device=device)
+    dst = torch.empty_like(src)
+    samples, _ = common.interleaved({"copy": lambda: dst.copy_(src)}, rounds, device=device, min_time=0.02)
+    return 2 * src.numel() * 4 / common.median(samples["copy"]) / 1e9
+
+
+def _print_row(row: dict[str, Any], copy_gbps: float) -> None:
+    shape = "x".join(map(str, row["shape"]))
+    head = f"{row['op']:20} {shape:18} {row['dtype']:4} {row['variant']:17}"
+    if "error" in row:
+        print(f"{head} ERROR {row['error'][:160]}", flush=True)
+        return
+    line = (f"{head} {row['torch_ms']:9.4f} {row['fused_ms']:9.4f} {row['speedup']:6.2f}x "
+            f"({row['speedup_per_round']:5.2f}x) {row['fused_GBps']:7.1f} {100 * row['fused_GBps'] / copy_gbps:5.0f}% "
+            f"{row['max_abs_diff']:8.1e}")
+    if "fused_GFLOPs" in row:
+        line += f"  {row['fused_GFLOPs']:.0f} vs {row['torch_GFLOPs']:.0f} GFLOP/s"
+    if "fused_equiv_GFLOPs" in row:
+        line += f"  {row['fused_equiv_GFLOPs']:.0f} direct-GFLOP/s, layer takes {row['layer_path']}"
+    for name, other in row.get("others", {}).items():
+        line += f"  | {name} " + (f"{other['ms']:.4f} ms ({other['speedup_of_fused']:.2f}x fused)" if "ms" in other
+                                 else f"ERROR {other['error'][:60]}")
+    if "route" in row:
+        line += f"  [wrapper routes to {row['route']}]"
+    print(line, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm_fast.bench kernels", description=__doc__.split("\n\n")[0])
+    common.add_common_args(p, rounds=7)
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp16,bf16,fp32)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma subset of {','.join(OPS)}")
+    p.add_argument("--configs", default=None, metavar="ARCH:BATCH,...",
+                   help="UNet forwards whose shapes are timed (default " +
+                        ",".join(f"{a}:{b}" for a, b in DEFAULT_CONFIGS) + ")")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 only (" + ",".join(f"{a}:{b}" for a, b in QUICK_CONFIGS) + ")")
+    p.add_argument("--min-time", type=float, default=0.02,
+                   help="seconds each candidate runs per round (calls are repeated to fill it; default 0.02)")
+    p.add_argument("--budget", type=float, default=None, help="stop starting new rows after this many seconds")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddpm_fast.bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", help="write all figures to this JSON file")
-    p.add_argument("--quick", action="store_true", help="only the shapes with speed targets")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (medians are reported)")
-    p.add_argument("--ops", default="group_norm_silu,attention,conv3x3_winograd,scheduler_step",
-                   help="comma-separated subset")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    wanted = set(args.ops.split(","))
-    bw = copy_bandwidth(args.rounds)
-    info = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "native": _native.available(), "cpu_isa": _native.cpu_isa(), "dtype": args.dtype, "copy_GBps": bw,
-    }
-    print(f"# torch {info['torch']}, {info['threads']} threads, native={info['native']} ({info['cpu_isa']}), "
-          f"{args.dtype}, channels_last; copy bandwidth {bw:.1f} GB/s (64 MB)")
-    rows: list[dict] = []
-    benches = [
-        ("group_norm_silu", bench_group_norm, GN_QUICK if args.quick else GN_SHAPES),
-        ("attention", bench_attention, ATTN_QUICK if args.quick else ATTN_SHAPES),
-        ("conv3x3_winograd", bench_conv3x3, CONV_QUICK if args.quick else CONV_SHAPES),
-        ("scheduler_step", bench_scheduler_step, STEP_QUICK if args.quick else STEP_SHAPES),
-    ]
-    print(f"{'op':16} {'shape':20} {'variant':24} {'torch ms':>9} {'fused ms':>9} {'speedup':>8} {'GB/s':>7} {'% copy':>6}")
-    for name, fn, shapes in benches:
-        if name not in wanted:
-            continue
-        for row in fn(shapes, dtype, args.rounds):
-            rows.append(row)
-            variant = (f"temb={row['temb']}" if "temb" in row else row.get("layout") or f"{row['fused']} vs base")
-            print(f"{row['op']:16} {'x'.join(map(str, row['shape'])):20} {variant:24} {row['torch_ms']:9.3f} "
-                  f"{row['fused_ms']:9.3f} {row['speedup']:7.2f}x {row['fused_GBps']:7.1f} "
-                  f"{100 * row['fused_GBps'] / bw:5.0f}%", flush=True)
-            if row["op"] == "conv3x3_winograd":
-                print(f"{'':16} {'':20} {'':24} packed oneDNN {row['packed_ms']:.3f} ms: Winograd is "
-                      f"{row['speedup_vs_packed']:.2f}x that, {row['fused_equiv_GFLOPs']:.0f} direct-GFLOP/s")
-            if row["op"] == "scheduler_step":
-                print(f"{'':16} {'':20} {'(baseline: ' + row['baseline'] + ')':24} op alone {row['op_ms']:.4f} ms "
-                      f"= {row['speedup_op_vs_baseline']:.2f}x; PyTorch composite {row['torch_composite_ms']:.4f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "results": rows}, f, indent=1)
-        print(f"# wrote {args.json}")
-    return 0
+    device = common.setup_device(p, args)
+    try:
+        dtypes = common.comma_list(args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32"),
+                                   choices=list(common.DTYPES))
+        wanted = common.comma_list(args.ops, choices=OPS)
+        configs = common.parse_configs(args.configs) if args.configs else (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    out_path = common.output_path(args.json, "kernels", device)
+    report = common.new_report("kernels", argv, device, {
+        "dtypes": dtypes, "ops": wanted, "configs": [f"{a}:{b}" for a, b in configs], "rounds": args.rounds,
+        "min_time": args.min_time, "layout": "channels_last activations"}, NOTES)
+    report["copy_GBps"] = copy_bandwidth(device, args.rounds)
+    report["skipped"] = []
+    print(f"# {report['machine']}: torch {torch.__version__}, {torch.get_num_threads()} threads, native="
+          f"{_native.available()} (cpu {_native.cpu_isa()}, cuda {_native.has_cuda()}); copy {report['copy_GBps']:.1f} GB/s")
+    print(f"{'op':20} {'shape':18} {'type':4} {'variant':17} {'torch ms':>9} {'fused ms':>9} {'speedup':>7} "
+          f"{'(round)':>8} {'GB/s':>7} {'%copy':>6} {'max|d|':>8}")
+    cases = unet_cases(configs, set(wanted))
+    deadline = common.Deadline(args.budget)
+    start = time.time()
+    for dtype_name in dtypes:
+        for op in wanted:
+            reason = op_skip_reason(op, device, common.DTYPES[dtype_name])
+            if reason:
+                report["skipped"].append({"op": op, "dtype": dtype_name, "reason": reason})
+                print(f"{op:20} {'':18} {dtype_name:4} skipped: {reason}", flush=True)
+    # shape-major, op order (attention first): a run cut short by --budget has every dtype of the first shapes
+    budget_left_out = 0
+    for case in cases:
+        for dtype_name in dtypes:
+            dtype = common.DTYPES[dtype_name]
+            if op_skip_reason(case["op"], device, dtype):
+                continue
+            if deadline.expired():
+                budget_left_out += 1
+                report["skipped"].append({"op": case["op"], "shape": case["shape"], "dtype": dtype_name,
+                                          "variant": case["variant"], "reason": "--budget reached"})
+                continue
+            try:
+                rows = bench_case(case, dtype, device, args.rounds, args.min_time, args.seed)
+            except Exception as exc:  # one broken case must not hide the others
+                rows = [{"op": case["op"], "variant": case["variant"], "shape": case["shape"], "dtype": dtype_name,
+                         "used_by": case["used_by"], "error": f"{type(exc).__name__}: {exc}"[:2000]}]
+            for row in rows:
+                report["results"].append(row)
+                _print_row(row, report["copy_GBps"])
+            common.write_json(out_path, report)
+    if budget_left_out:
+        print(f"# --budget reached: {budget_left_out} rows not timed (listed under 'skipped')")
+    report["wall_seconds"] = time.time() - start
+    common.write_json(out_path, report)
+    print(f"# wrote {out_path}")
+    return 1 if any("error" in r for r in report["results"]) else 0

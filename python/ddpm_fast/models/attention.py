@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..utils.torch_utils import weight_version
-from .resnet import fused_path_allowed, make_group_norm
+from .. import fast_path, ops
+from .prepared import PreparedCache, trackable
+from .resnet import make_group_norm
 
 
 class Attention(nn.Module):
@@ -56,15 +56,14 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(query_dim, self.inner_dim, bias=bias)
         self.to_v = nn.Linear(query_dim, self.inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
-        # Concatenated to_q/to_k/to_v weight for the fused path: built on first use, rebuilt when any of
-        # them changes; a plain attribute, so state-dict keys stay diffusers'.
-        self._qkv_key: tuple | None = None
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # The concatenated to_q/to_k/to_v weight and bias of the fused path (one GEMM instead of three), kept
+        # while the three layers' parameters are unchanged; a plain attribute, so state-dict keys stay diffusers'.
+        self._prepared = PreparedCache(limit=1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.ndim != 4:
             raise ValueError(f"Attention expects a (B, C, H, W) tensor, got shape {tuple(hidden_states.shape)}")
-        if fused_path_allowed(self, hidden_states):
+        if fast_path.use_fused(hidden_states, self):
             return self._forward_fused(hidden_states)
         return self._forward_reference(hidden_states)
 
@@ -100,18 +99,22 @@ class Attention(nn.Module):
 
     def _packed_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         layers = (self.to_q, self.to_k, self.to_v)
-        key = tuple((t.data_ptr(), weight_version(t), t.dtype, t.device) for layer in layers
-                    for t in (layer.weight, layer.bias) if t is not None)
-        if key != getattr(self, "_qkv_key", None) or self._qkv is None:
-            with torch.no_grad():
-                weight = torch.cat([layer.weight for layer in layers], dim=0)
-                biases = [layer.bias for layer in layers]
-                bias = torch.cat(biases, dim=0) if all(b is not None for b in biases) else None
-            self._qkv, self._qkv_key = (weight, bias), key
-        return self._qkv
+        sources = [t for layer in layers for t in (layer.weight, layer.bias)]
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .half(): the packed copy is stale
-        self._qkv = self._qkv_key = None
+        def build():
+            weight = torch.cat([layer.weight for layer in layers], dim=0)
+            if all(layer.bias is None for layer in layers):
+                return weight, None
+            bias = torch.cat([layer.weight.new_zeros(self.inner_dim) if layer.bias is None else layer.bias
+                              for layer in layers])
+            return weight, bias
+
+        if fast_path.prepared_weights_allowed() and all(trackable(t) for t in sources):
+            return self._prepared.get(("qkv",), sources, build)
+        return build()  # traced by torch.compile (it folds the concatenation), or untrackable parameters
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half(): drop the old copy now rather than at next use
+        self._prepared.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def _forward_fused(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -126,11 +129,6 @@ class Attention(nn.Module):
         hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
         weight, bias = self._packed_qkv()
         qkv = F.linear(hidden_states, weight, bias)
-        if bias is None and (self.to_q.bias is not None or self.to_k.bias is not None or self.to_v.bias is not None):
-            qkv = qkv + torch.cat([
-                layer.bias if layer.bias is not None else layer.weight.new_zeros(self.inner_dim)
-                for layer in (self.to_q, self.to_k, self.to_v)
-            ])
         q, k, v = (t.view(batch, -1, self.heads, self.dim_head).transpose(1, 2) for t in qkv.split(self.inner_dim, dim=-1))
         attn = ops.attention(q, k, v, self.scale)
         out = attn.transpose(1, 2).reshape(batch, -1, self.inner_dim).to(q.dtype)

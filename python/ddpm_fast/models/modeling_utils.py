@@ -52,6 +52,13 @@ class ModelMixin(nn.Module):
             return t.device
         return torch.device("cpu")
 
+    def _apply(self, fn, recurse: bool = True):
+        # Tensors made under torch.inference_mode have no version counter, so the prepared weights of the fast
+        # path could not see later in-place changes (models/prepared.py). Parameters made here (.to(),
+        # from_pretrained's to_empty) stay normal tensors even inside inference mode; they work there all the same.
+        with torch.inference_mode(False):
+            return super()._apply(fn, recurse)
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of parameters, optionally only those that require grad and/or without nn.Embedding weights."""
         skip = set()

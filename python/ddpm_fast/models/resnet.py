@@ -1,8 +1,9 @@
 """Residual block and resampling layers of UNet2DModel, mirroring diffusers 0.42.1 op for op.
 
 ``ResnetBlock2D`` has two paths: the reference path (nn.GroupNorm, activation, convs exactly as diffusers)
-and, when :func:`ddpm_fast.backend.use_fused` is on and no gradient is needed, a fused path that runs
-GroupNorm + SiLU (and the time-embedding add before ``norm2``) as one :func:`ddpm_fast.ops.group_norm_silu`.
+and, where :func:`ddpm_fast.fast_path.use_fused` allows it, a fused path that runs GroupNorm + SiLU (and the
+time-embedding add before ``norm2``) as one :func:`ddpm_fast.ops.group_norm_silu` and folds the residual add and
+the output scale into ``conv2``.
 """
 
 from __future__ import annotations
@@ -11,21 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..backend import use_fused
+from .. import fast_path, ops
 from .conv import Conv2d
 from .embeddings import get_activation
 
 FIR_KERNEL = (1, 3, 3, 1)
-
-
-def fused_path_allowed(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module`` may run its fused kernels: fused backend selected and no autograd graph needed."""
-    if not use_fused():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
-        return False
-    return True
 
 
 def make_group_norm(num_groups: int, num_channels: int, eps: float, where: str) -> nn.GroupNorm:
@@ -192,6 +183,32 @@ class Upsample2D(nn.Module):
         return hidden_states
 
 
+# -- time-embedding projections ---------------------------------------------------------------------
+
+
+class TimeProjections:
+    """Every resnet's ``time_emb_proj(silu(temb))`` of one forward, computed by the UNet as one GEMM: they all read
+    the same embedding, and one (B, 512) x (512, sum of C) product beats one small GEMM per resnet. Passed down the
+    blocks in place of ``temb``; a resnet not in ``offsets`` projects ``emb`` itself."""
+
+    __slots__ = ("emb", "out", "offsets")
+
+    def __init__(self, emb: torch.Tensor, out: torch.Tensor, offsets: dict[int, tuple[int, int]]):
+        self.emb, self.out, self.offsets = emb, out, offsets
+
+    def for_resnet(self, resnet: "ResnetBlock2D") -> torch.Tensor | None:
+        span = self.offsets.get(id(resnet))
+        if span is None:
+            return resnet._project_temb(self.emb)
+        return self.out[:, span[0]:span[1]]
+
+
+def shares_time_projection(resnet: nn.Module) -> bool:
+    """Whether a resnet's time projection can be part of :class:`TimeProjections`' shared GEMM."""
+    return (isinstance(resnet, ResnetBlock2D) and resnet.time_emb_proj is not None and not resnet.skip_time_act
+            and isinstance(resnet.nonlinearity, nn.SiLU))
+
+
 # -- residual block ----------------------------------------------------------------------------------
 
 
@@ -276,9 +293,14 @@ class ResnetBlock2D(nn.Module):
             return self.downsample(input_tensor), self.downsample(hidden_states)
         return input_tensor, hidden_states
 
-    def _time_proj(self, temb: torch.Tensor | None) -> torch.Tensor | None:
+    def _time_proj(self, temb: torch.Tensor | TimeProjections | None) -> torch.Tensor | None:
         if self.time_emb_proj is None or temb is None:
             return None
+        if isinstance(temb, TimeProjections):
+            return temb.for_resnet(self)
+        return self._project_temb(temb)
+
+    def _project_temb(self, temb: torch.Tensor) -> torch.Tensor:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         return self.time_emb_proj(temb)
@@ -300,8 +322,8 @@ class ResnetBlock2D(nn.Module):
             input_tensor = self.conv_shortcut(input_tensor)
         return self.conv2.forward_fused(hidden_states, other=input_tensor, output_scale=self.output_scale_factor)
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(self.nonlinearity, nn.SiLU) and fused_path_allowed(self, input_tensor):
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | TimeProjections | None = None) -> torch.Tensor:
+        if isinstance(self.nonlinearity, nn.SiLU) and fast_path.use_fused(input_tensor, self):
             return self._forward_fused(input_tensor, temb)
         return self._forward_reference(input_tensor, temb)
 

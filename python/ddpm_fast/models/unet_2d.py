@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conv import Conv2d
-from .. import ops
+from .. import fast_path, ops
 from ..configuration import ConfigMixin, register_to_config
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling_utils import ModelMixin
-from .resnet import fused_path_allowed, make_group_norm
+from .conv import Conv2d
+from .prepared import PreparedCache, trackable
+from .resnet import TimeProjections, make_group_norm, shares_time_projection
 from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 
 from ..utils.outputs import BaseOutput
@@ -35,8 +36,8 @@ class UNet2DModel(ModelMixin, ConfigMixin):
     """A 2-D UNet mapping a noisy sample and a timestep to a sample-shaped output.
 
     Every config key of diffusers' ``UNet2DModel`` is accepted with the same meaning and default; the
-    parameters carry diffusers' names, so checkpoints load in either library.  See
-    ``/work/shared/reference/diffusers-compat.md`` or diffusers' documentation for each key.
+    parameters carry diffusers' names, so checkpoints load in either library.  See diffusers' ``UNet2DModel``
+    documentation for each key.
     """
 
     config_name = "config.json"
@@ -182,6 +183,11 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self.conv_act = nn.SiLU()
         self.conv_out = Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
+        # Fused path: the resnets' time projections as one GEMM (TimeProjections); a plain list, so neither
+        # state-dict keys nor module traversal change.
+        self._shared_temb_resnets = [m for m in self.modules() if shares_time_projection(m)]
+        self._prepared = PreparedCache(limit=1)
+
     @staticmethod
     def _validate_config(down_block_types, up_block_types, block_out_channels, time_embedding_type, class_embed_type,
                          num_train_timesteps, resnet_time_scale_shift, downsample_type, upsample_type, in_channels,
@@ -224,6 +230,27 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"Skip up blocks need out_channels=3 (their skip_conv writes RGB), got {out_channels}")
 
     # -- forward -------------------------------------------------------------------------------------
+    def _time_projections(self, emb: torch.Tensor) -> torch.Tensor | TimeProjections:
+        linears = [r.time_emb_proj for r in self._shared_temb_resnets]
+        sources = [t for linear in linears for t in (linear.weight, linear.bias)]
+        if not linears or not all(trackable(t) for t in sources) or any(t is None for t in sources):
+            return emb
+
+        def build():
+            offsets, start = {}, 0
+            for resnet, linear in zip(self._shared_temb_resnets, linears):
+                offsets[id(resnet)] = (start, start + linear.out_features)
+                start += linear.out_features
+            return torch.cat([linear.weight for linear in linears]), torch.cat([linear.bias for linear in linears]), offsets
+
+        weight, bias, offsets = self._prepared.get(("time_projections",), sources, build)
+        out = torch.nn.functional.linear(torch.nn.functional.silu(emb), weight, bias)
+        return TimeProjections(emb, out, offsets)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .half(): drop the old copy now rather than at next use
+        self._prepared.clear()
+        return super()._apply(fn, recurse)
+
     def _timesteps(self, timestep, sample: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(timestep):
             if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
@@ -270,7 +297,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self._check_sample(sample)
         # Fused path: activations run channels_last (packed oneDNN convs on the CPU produce it; on CUDA the
         # input is converted once here); the output comes back in the input's memory format.
-        fused = fused_path_allowed(self, sample)
+        fused = fast_path.use_fused(sample, self)
         input_is_nchw = sample.is_contiguous()
         if fused and sample.device.type == "cuda" and sample.shape[1] > 1:
             sample = sample.contiguous(memory_format=torch.channels_last)
@@ -292,6 +319,9 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
         elif class_labels is not None:
             raise ValueError("class_labels were given but this model has no class embedding (set num_class_embeds or class_embed_type)")
+
+        if fused and fast_path.prepared_weights_allowed():
+            emb = self._time_projections(emb)
 
         # 2. pre-process
         skip_sample = sample
@@ -322,7 +352,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
         # 6. post-process
         norm = self.conv_norm_out
-        if fused_path_allowed(norm, sample):
+        if fused:
             sample = ops.group_norm_silu(sample, norm.num_groups, norm.weight, norm.bias, norm.eps)
         else:
             sample = self.conv_act(norm(sample))

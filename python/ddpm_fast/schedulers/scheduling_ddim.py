@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backend import use_fused as _use_fused
-from .. import ops
+from .. import fast_path, ops
 from ..configuration import register_to_config
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import randn_tensor
 from .scheduling_utils import (
-    FusedStepCoefs,
     SchedulerMixin,
+    StepCoefficients,
     add_noise_like_diffusers,
     as_timestep,
     check_common_config,
@@ -111,7 +110,7 @@ class DDIMScheduler(SchedulerMixin):
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
 
         self._alphas_cumprod_cpu = self.alphas_cumprod  # see DDPMScheduler: never moved by add_noise
-        self._coef_cache: dict[tuple, FusedStepCoefs | None] = {}
+        self._coef_cache: dict[tuple, StepCoefficients | None] = {}
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Identity (DDIM does not scale the model input); present for scheduler interchangeability."""
@@ -204,15 +203,9 @@ class DDIMScheduler(SchedulerMixin):
         use_clipped = bool(use_clipped_model_output)
 
         coefs = None
-        if (
-            _use_fused()
-            and not self.config.thresholding
-            and model_output.dtype == sample.dtype
-            and model_output.device == sample.device
-            and (eta == 0 or variance_noise is None
-                 or (variance_noise.dtype == sample.dtype and variance_noise.device == sample.device))
-        ):
-            coefs = self._fused_coefs(t, prev_t, eta, use_clipped)
+        given_noise = variance_noise if eta > 0 else None
+        if fast_path.fused_step(model_output, sample, given_noise):
+            coefs = self.step_coefficients(t, eta, use_clipped)
         if coefs is not None:
             noise = None
             if eta > 0:
@@ -220,7 +213,7 @@ class DDIMScheduler(SchedulerMixin):
                 if noise is None:
                     noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                          dtype=model_output.dtype)
-            clip = float(self.config.clip_sample_range) if self.config.clip_sample and not self.config.thresholding else None
+            clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
             prev_sample, pred_original_sample = ops.scheduler_step(
                 model_output, sample, noise, coefs.x0, coefs.prev, coefs.noise_scale if noise is not None else 0.0, clip
             )
@@ -273,9 +266,19 @@ class DDIMScheduler(SchedulerMixin):
             prev_sample = prev_sample + std_dev_t * variance_noise
         return prev_sample, pred_original_sample
 
-    def _fused_coefs(self, t: int, prev_t: int, eta: float, use_clipped: bool) -> FusedStepCoefs | None:
-        """Cached coefficients of the fused op; ``None`` where a scalar is not finite (the reference path
-        then reproduces diffusers' inf/NaN)."""
+    def _draws_noise(self, timestep: int) -> bool:
+        return False  # the pipeline calls step without eta (0): DDIM then draws nothing
+
+    def step_coefficients(self, timestep: int, eta: float = 0.0,
+                          use_clipped_model_output: bool = False) -> StepCoefficients | None:
+        """The fused-step scalars of ``step(model_output, timestep, sample, eta, use_clipped_model_output)``,
+        cached; None with thresholding, and where a scalar is not finite (the reference path then reproduces
+        diffusers' inf/NaN)."""
+        self._require_timesteps()
+        if self.config.thresholding:
+            return None
+        t, use_clipped = timestep, bool(use_clipped_model_output)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         key = (t, prev_t, eta, use_clipped)
         try:
             return self._coef_cache[key]
@@ -310,7 +313,7 @@ class DDIMScheduler(SchedulerMixin):
             b_x, b_e, b_0 = eps
             prev = (sqrt_a_prev + direction * b_0, direction * b_x, direction * b_e)
             if all(math.isfinite(v) for v in (*x0, *prev, std)):
-                coefs = FusedStepCoefs(x0=x0, prev=prev, noise_scale=std)
+                coefs = StepCoefficients(x0=x0, prev=prev, noise_scale=std)
         except ZeroDivisionError:
             pass
         self._coef_cache[key] = coefs

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backend import use_fused as _use_fused
-from .. import ops
+from .. import fast_path, ops
 from ..configuration import register_to_config
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import randn_tensor
 from .scheduling_utils import (
-    FusedStepCoefs,
     SchedulerMixin,
+    StepCoefficients,
     add_noise_like_diffusers,
     as_timestep,
     check_choice,
@@ -163,7 +162,7 @@ class DDPMScheduler(SchedulerMixin):
         # add_noise() moves self.alphas_cumprod to the data's device (as diffusers does); the fused step's
         # coefficients always come from this CPU copy, so computing them never syncs a GPU.
         self._alphas_cumprod_cpu = self.alphas_cumprod
-        self._coef_cache: dict[tuple[int, int, str], FusedStepCoefs | None] = {}
+        self._coef_cache: dict[tuple[int, int, str], StepCoefficients | None] = {}
         self._prev_table: tuple[torch.Tensor, dict[int, int]] | None = None
 
     # -- timesteps -----------------------------------------------------------------------------------
@@ -298,15 +297,7 @@ class DDPMScheduler(SchedulerMixin):
             )
         prev_t = self._previous_int(t)
 
-        coefs = None
-        if (
-            _use_fused()
-            and not learned
-            and not self.config.thresholding
-            and model_output.dtype == sample.dtype
-            and model_output.device == sample.device
-        ):
-            coefs = self._fused_coefs(t, prev_t)
+        coefs = self.step_coefficients(t) if fast_path.fused_step(model_output, sample) else None
         if coefs is not None:
             noise = None
             if t > 0:
@@ -369,9 +360,17 @@ class DDPMScheduler(SchedulerMixin):
             return (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
         raise ValueError(f"prediction_type must be one of epsilon, sample, v_prediction; got {prediction_type!r}")
 
-    def _fused_coefs(self, t: int, prev_t: int) -> FusedStepCoefs | None:
-        """Coefficients of the fused op for ``(t, prev_t)``, cached; ``None`` if the step divides by zero
-        (then the reference path reproduces diffusers' inf/NaN)."""
+    def _draws_noise(self, timestep: int) -> bool:
+        return timestep > 0
+
+    def step_coefficients(self, timestep: int) -> StepCoefficients | None:
+        """The fused-step scalars of ``step(model_output, timestep, sample)``, cached; None for thresholding and
+        learned variances, and where a scalar is not finite (the reference path then reproduces diffusers'
+        inf/NaN)."""
+        if self.variance_type in _LEARNED or self.config.thresholding:
+            return None
+        t = timestep
+        prev_t = self._previous_int(t)
         # variance_type is in the key because diffusers reads the (mutable) attribute, not the config.
         key = (t, prev_t, self.variance_type)
         try:
@@ -396,7 +395,7 @@ class DDPMScheduler(SchedulerMixin):
             noise_scale = float(_noise_from_variance(_fixed_variance(ac, one, t, prev_t, vtype), vtype))
         # ... combined in float64.
         prediction_type = self.config.prediction_type
-        coefs: FusedStepCoefs | None
+        coefs: StepCoefficients | None
         if prediction_type == "epsilon":
             x0 = (1.0 / sqrt_a, -sqrt_b / sqrt_a) if sqrt_a != 0.0 else None
         elif prediction_type == "sample":
@@ -407,7 +406,7 @@ class DDPMScheduler(SchedulerMixin):
         if x0 is None or not all(math.isfinite(v) for v in values):
             coefs = None
         else:
-            coefs = FusedStepCoefs(x0=x0, prev=(c0, c1, 0.0), noise_scale=noise_scale)
+            coefs = StepCoefficients(x0=x0, prev=(c0, c1, 0.0), noise_scale=noise_scale)
         self._coef_cache[key] = coefs
         return coefs
 

@@ -24,6 +24,8 @@ from ..utils.torch_utils import randn_tensor
 __all__ = [
     "SCHEDULER_CONFIG_NAME",
     "SchedulerMixin",
+    "StepCoefficients",
+    "StepPlan",
     "UnsupportedOptionError",
     "betas_for_alpha_bar",
     "make_betas",
@@ -418,6 +420,28 @@ class SchedulerMixin(ConfigMixin):
             raise ValueError("push_to_hub is not supported by ddpm_fast; save locally and upload with huggingface_hub")
         self.save_config(save_directory)
 
+    def step_coefficients(self, timestep: int) -> StepCoefficients | None:
+        """The fused-step scalars of ``step(model_output, timestep, sample)`` as the pipeline calls it, or None
+        where the fused step cannot express it (thresholding, learned variances, a non-finite scalar)."""
+        raise NotImplementedError
+
+    def _draws_noise(self, timestep: int) -> bool:
+        """Whether the pipeline's ``step`` call at ``timestep`` draws noise from its generator."""
+        raise NotImplementedError
+
+    def step_plan(self) -> StepPlan | None:
+        """Every step of the pipeline's loop over ``self.timesteps`` in fused terms, for loops that run the steps
+        themselves (the CUDA-graph loop), or None when some step is not expressible, or when ``step`` was replaced
+        on the instance (a wrapper whose arguments the plan cannot know)."""
+        if "step" in self.__dict__:
+            return None
+        timesteps = tuple(int(t) for t in self.timesteps.tolist())
+        coefficients = tuple(self.step_coefficients(t) for t in timesteps)
+        if any(c is None for c in coefficients):
+            return None
+        clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
+        return StepPlan(timesteps, coefficients, tuple(self._draws_noise(t) for t in timesteps), clip)  # type: ignore[arg-type]
+
     @property
     def compatibles(self) -> list[type]:
         """Scheduler classes of this package whose ``from_config`` accepts this scheduler's config."""
@@ -432,9 +456,30 @@ class SchedulerMixin(ConfigMixin):
 
 
 @dataclass(frozen=True)
-class FusedStepCoefs:
-    """Scalars of one fused step (see :func:`ddpm_fast.ops.scheduler_step`), cached per timestep pair."""
+class StepCoefficients:
+    """The scalars of one step in the terms of the fused step (:func:`ddpm_fast.ops.scheduler_step`):
+    ``x0 = a_x * sample + a_e * model_output`` (clipped), ``prev = c0 * x0 + c1 * sample + c2 * model_output +
+    noise_scale * noise``."""
 
     x0: tuple[float, float]
     prev: tuple[float, float, float]
     noise_scale: float
+
+    def row(self, draws_noise: bool) -> tuple[float, float, float, float, float, float]:
+        """``(a_x, a_e, c0, c1, c2, noise_scale)``, the noise scale 0 when the step draws no noise."""
+        return (*self.x0, *self.prev, self.noise_scale if draws_noise else 0.0)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A whole sampling loop over ``scheduler.timesteps`` in fused terms (see :meth:`SchedulerMixin.step_plan`)."""
+
+    timesteps: tuple[int, ...]
+    coefficients: tuple[StepCoefficients, ...]
+    draws_noise: tuple[bool, ...]
+    clip: float | None  # clip_sample_range when clip_sample, else None
+
+    def table(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The ``(len(timesteps), 6)`` float32 rows :func:`ddpm_fast.ops.scheduler_step_table` reads."""
+        rows = [c.row(d) for c, d in zip(self.coefficients, self.draws_noise)]
+        return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)

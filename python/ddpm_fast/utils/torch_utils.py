@@ -68,14 +68,3 @@ def randn_tensor(
         draws = [torch.randn(one, generator=generator[i], device=rand_device, dtype=dtype, layout=layout) for i in range(batch_size)]
         return torch.cat(draws, dim=0).to(target)
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype, layout=layout).to(target)
-
-
-def weight_version(t: torch.Tensor) -> int:
-    """``t._version`` for cache keys of weights prepared once (packed convolutions, packed QKV).
-
-    Tensors created under ``torch.inference_mode`` (a model loaded inside it) have no version counter: they
-    get -1, and the caches key them by storage, dtype and device alone. Such a tensor can only be changed in
-    place inside inference mode, which the caches cannot see; after doing so, call ``model.float()`` (or any
-    ``.to``), which drops every prepared copy.
-    """
-    return -1 if t.is_inference() else t._version
