@@ -360,6 +360,11 @@ def _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale):
 
 
 def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """The kernels' device checks, word for word (csrc/checks.cpp): the dispatcher runs the CUDA kernel as soon as
+    one argument is on CUDA, and that first requires the main tensor there; then every other tensor must be on
+    the main tensor's device."""
+    if ref.device.type != "cuda" and any(t is not None and t.device.type == "cuda" for t in others.values()):
+        raise RuntimeError(f"{op} (CUDA): {ref_name} must be a CUDA tensor, got device {ref.device}")
     for name, t in others.items():
         if t is not None and t.device != ref.device:
             raise RuntimeError(
