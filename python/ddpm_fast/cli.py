@@ -7,6 +7,7 @@ Expected failures (bad arguments, missing files, unwritable folders) print one l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -249,7 +250,7 @@ def _sample(args: argparse.Namespace, dist) -> int:
         pipe.set_progress_bar_config(leave=False, desc="steps", dynamic_ncols=True)
     else:
         pipe.set_progress_bar_config(disable=True)
-    ctx = use_backend(args.backend) if args.backend else _nullcontext()
+    ctx = use_backend(args.backend) if args.backend else contextlib.nullcontext()
     try:
         with ctx, torch.inference_mode():
             # Without --overwrite an image file that appears meanwhile (another job on the folder) is not replaced.
@@ -340,14 +341,6 @@ def _npz_target(args: argparse.Namespace, pipe) -> tuple[Path | None, bool]:
     raise FileExistsError(f"{what} already exists; pass --overwrite to replace it")
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def run_train(args: argparse.Namespace) -> int:
     """``ddpm-fast train``, alone or as one rank of a torchrun job (DistributedDataParallel)."""
     from .training import TrainConfig, train
@@ -390,25 +383,15 @@ def _train(args: argparse.Namespace, dist, TrainConfig, train) -> int:
 
 
 def run_bench(argv: Sequence[str]) -> int:
-    import runpy
-
-    saved = sys.argv
-    sys.argv = [f"{PROG} bench", *argv]
+    """``ddpm-fast bench ...`` is ``python -m ddpm_fast.bench ...``."""
     try:
-        runpy.run_module("ddpm_fast.bench", run_name="__main__", alter_sys=True)
-    except SystemExit as e:
-        code = e.code
-        if code is None:
-            return 0
-        if isinstance(code, int):
-            return code
-        print(code, file=sys.stderr)
-        return 1
+        from .bench.__main__ import main as bench_main
     except ImportError as e:
         raise CLIError(f"benchmarks are not available ({e})") from None
-    finally:
-        sys.argv = saved
-    return 0
+    try:
+        return bench_main(list(argv))
+    except SystemExit as e:  # argparse's --help and usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
 def _rank_prefix() -> str:

@@ -73,12 +73,3 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, subfolder: str | 
     if looks_like_hub_id(s):
         return _hub_download(s, filename, subfolder, **hub_kwargs)
     raise FileNotFoundError(f"pretrained_model_name_or_path {s!r} does not exist")
-
-
-def file_exists(path_or_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> bool:
-    """Whether ``filename`` can be resolved (local check, or a hub/cache lookup)."""
-    try:
-        resolve_file(path_or_id, filename, subfolder=subfolder, **hub_kwargs)
-        return True
-    except (OSError, FileNotFoundError):
-        return False

@@ -194,14 +194,19 @@ def timed(fn: Callable[[], Any], device: torch.device | str) -> tuple[float, Any
 
 def interleaved(
     fns: dict[str, Callable[[], Any]], rounds: int, *, device: torch.device | str = "cpu", min_time: float = 0.0,
-    warmup: int = 1, max_reps: int = 1000, timeout: float | None = None,
+    warmup: int = 1, max_reps: int = 1000, timeout: float | None = None, settle: float | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Seconds per call of each function, one figure per round, the functions timed in turn within each round.
 
     ``warmup`` untimed calls each first; a round repeats a function until it has run ``min_time`` seconds (its
     repetition count is fixed before the first round), so microsecond kernels are timed over many calls. On CUDA
     a round is timed with CUDA events around the calls. A function that raises (or runs past ``timeout`` seconds
-    in one round) is dropped and its error returned; the others go on. Returns ``(samples, errors)``."""
+    in one round) is dropped and its error returned; the others go on. Returns ``(samples, errors)``.
+
+    On the CPU each timed call is followed by an untimed pause of ``settle`` seconds (default: 0.05 for calls
+    longer than 1 ms): ONNX Runtime's and OpenVINO's pool threads keep spinning for a while after their run (it
+    is part of their speed), and on a machine with as many cores as threads they would otherwise steal the CPU
+    from whichever variant runs next."""
     device = torch.device(device)
     live = dict(fns)
     errors: dict[str, str] = {}
@@ -247,6 +252,9 @@ def interleaved(
             seconds = guarded(name, lambda fn=fn, n=reps[name]: one_round(fn, n))
             if seconds is not None:
                 samples[name].append(seconds)
+                pause = settle if settle is not None else (0.05 if seconds > 1e-3 else 0.0)
+                if device.type == "cpu" and pause:
+                    time.sleep(pause)
     return samples, errors
 
 
