@@ -30,14 +30,6 @@ CONFIG = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def ref_model():
     """diffusers model with every tensor perturbed (all non-zero)."""

@@ -8,15 +8,9 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import _native
+from helpers import FUSED_TOL, TINY
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native extension unavailable: {_native.load_error()}")
-
-TINY = {
-    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "sample_size": 16,
-    "norm_num_groups": 8, "attention_head_dim": None,
-}
-FUSED_TOL = 1e-3
 
 
 def _model_and_inputs():

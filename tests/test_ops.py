@@ -16,30 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast import _native, ops
+from helpers import assert_close_rule, err, layout
 
 native = pytest.mark.skipif(not _native.available(), reason=f"native extension unavailable: {_native.load_error()}")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-
-
-def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item() if a.numel() else 0.0
+_err, _layout = err, layout
 
 
 def _assert_close_rule(ours, torch_same, ref, dtype, what=""):
-    e_ours, e_torch = _err(ours, ref), _err(torch_same, ref)
-    assert e_ours <= 2 * e_torch + FLOOR[dtype], f"{what}: ours {e_ours:.3g} vs torch {e_torch:.3g} ({dtype})"
-
-
-def _layout(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if fmt == "strided":  # a non-contiguous view: every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    return x.contiguous()
+    assert_close_rule(ours, torch_same, ref, dtype, what)
 
 
 # ---------------------------------------------------------------------------------------------- group norm

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_close_rule
+
 pytestmark = pytest.mark.cuda
 
 if not torch.cuda.is_available():
@@ -30,8 +32,6 @@ if not _native.has_cuda():
 OPS = torch.ops.ddpm_fast
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Error floors relative to the reference's magnitude (the output rounding of each dtype).
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -43,15 +43,7 @@ def _randn(shape, seed, dtype=torch.float32, scale=1.0, shift=0.0):
 
 
 def _assert_close_rule(ours: torch.Tensor, theirs: torch.Tensor, ref64: torch.Tensor, dtype, what: str):
-    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    assert ours.dtype == dtype, f"{what}: dtype {ours.dtype} != {dtype}"
-    assert torch.isfinite(ours).all(), f"{what}: non-finite output"
-    mag = ref64.abs().max().item() if ref64.numel() else 1.0
-    mag = max(mag, 1e-6)
-    err = (ours.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    err_torch = (theirs.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    bound = 2 * err_torch + FLOOR[dtype] * mag
-    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (PyTorch's error {err_torch:.3g}, |ref| {mag:.3g})"
+    assert_close_rule(ours, theirs, ref64, dtype, what, relative=True)
 
 
 def _opcheck(op, args):

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import ddpm_fast
+from helpers import FUSED_TOL, REFERENCE_TOL
 
 diffusers = pytest.importorskip("diffusers")
 
 # Max |Δ| of "np" images after >= 10 steps. The reference backend mirrors diffusers op for op (it is
 # in fact bitwise equal); the fused kernels round differently (~3e-6 per UNet forward), which these
 # random, untrained UNets amplify over a trajectory, so the fused backend gets the fast path's bound.
-TOL_IMAGE = 2e-4
-TOL_IMAGE_FUSED = 1e-3
+TOL_IMAGE, TOL_IMAGE_FUSED = REFERENCE_TOL, FUSED_TOL
 
 
 def tol() -> float:

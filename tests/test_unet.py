@@ -100,15 +100,6 @@ def make_inputs(config: dict, batch: int = 2, seed: int = 3):
     return sample, timestep, kwargs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and the CI machine is shared: restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pairs():
     cache = {}
