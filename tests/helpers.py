@@ -26,9 +26,15 @@ CIFAR10_32 = ARCHS["cifar10-32"]["unet"]
 CIFAR10_32_SCHEDULER = ARCHS["cifar10-32"]["scheduler"]
 # A small model with every block kind the google checkpoints use (attention down/up, mid attention).
 TINY = {
-    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "sample_size": 16,
-    "norm_num_groups": 8, "attention_head_dim": None, "downsample_padding": 0, "norm_eps": 1e-6,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "norm_num_groups": 8,
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "norm_eps": 1e-6,
 }
 
 
@@ -37,8 +43,15 @@ def err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref).abs().max().item() if a.numel() else 0.0
 
 
-def assert_close_rule(ours: torch.Tensor, torch_same: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
-                      what: str = "", *, relative: bool = False) -> None:
+def assert_close_rule(
+    ours: torch.Tensor,
+    torch_same: torch.Tensor,
+    ref64: torch.Tensor,
+    dtype: torch.dtype,
+    what: str = "",
+    *,
+    relative: bool = False,
+) -> None:
     """|ours - ref64| <= 2 |torch_same - ref64| + floor(dtype) (times max |ref64| when ``relative``)."""
     assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     assert ours.dtype == dtype, f"{what}: dtype {ours.dtype} != {dtype}"

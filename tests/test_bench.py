@@ -10,9 +10,10 @@ import json
 import subprocess
 import sys
 
-import ddpm_fast.ops
 import pytest
 import torch
+
+import ddpm_fast.ops
 from ddpm_fast.bench import __main__ as bench_main
 from ddpm_fast.bench import (
     common,
@@ -52,8 +53,9 @@ def test_interleaved_times_each_function_every_round_and_drops_a_failing_one():
     def boom():
         raise RuntimeError("broken")
 
-    samples, errors = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": boom},
-                                         3, warmup=1)
+    samples, errors = common.interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": boom}, 3, warmup=1
+    )
     assert set(samples) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in samples.values())
     assert errors == {"c": "RuntimeError: broken"}
     assert calls == ["a", "b"] * 5  # warm-up, sizing call, then a and b alternating in every round
@@ -77,8 +79,13 @@ def test_entry_point_lists_and_dispatches_every_subcommand(capsys):
         assert exc.value.code == 0
         assert "--json" in capsys.readouterr().out or name == "summary"
     assert bench_main.main(["nonsense"]) == 2
-    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.bench", "unet", "--help"], check=False, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_fast.bench", "unet", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "--variants" in proc.stdout and "onnxruntime" in proc.stdout
 
 
@@ -95,7 +102,11 @@ def test_kernel_shapes_are_the_ones_the_unets_run():
     assert sum(cifar["group_norm_silu"].values()) == 51  # every GroupNorm of one forward
     cases = kernels.unet_cases([("256px", 8)], {"attention", "scheduler_step"})
     shapes = {(c["op"], c["variant"], tuple(c["shape"])) for c in cases}
-    assert ("attention", "unet_views", (8, 1, 256, 512)) in shapes and ("attention", "contiguous", (8, 1, 64, 512)) in shapes
+    assert ("attention", "unet_views", (8, 1, 256, 512)) in shapes and (
+        "attention",
+        "contiguous",
+        (8, 1, 64, 512),
+    ) in shapes
     assert ("scheduler_step", "clip", (8, 3, 256, 256)) in shapes
 
 
@@ -115,30 +126,43 @@ def test_kernel_bench_times_every_op_at_the_tiny_unets_shapes(tmp_path):
     for case in expected:
         if case["op"] in skipped_ops:
             continue
-        got = [r for r in rows if r["op"] == case["op"] and r["shape"] == case["shape"]
-               and (r["variant"] == case["variant"] or case["op"] == "conv3x3_winograd")]
+        got = [
+            r
+            for r in rows
+            if r["op"] == case["op"]
+            and r["shape"] == case["shape"]
+            and (r["variant"] == case["variant"] or case["op"] == "conv3x3_winograd")
+        ]
         assert len(got) == (2 if case["op"] == "conv3x3_winograd" else 1), case
     assert {r["variant"] for r in rows if r["op"] == "group_norm_silu"} == {"silu", "temb", "plain"}
     assert {r["variant"] for r in rows if r["op"] == "attention"} == {"unet_views", "contiguous"}
     for r in rows:
         assert "error" not in r, r
         assert r["torch_ms"] > 0 and r["fused_ms"] > 0 and r["speedup"] == pytest.approx(r["torch_ms"] / r["fused_ms"])
-        assert len(r["torch_ms_rounds"]) == 2 and r["speedup_per_round"] > 0 and r["used_by"] == [
-            u for u in r["used_by"] if u.startswith("tiny b1")]
+        assert (
+            len(r["torch_ms_rounds"]) == 2
+            and r["speedup_per_round"] > 0
+            and r["used_by"] == [u for u in r["used_by"] if u.startswith("tiny b1")]
+        )
         assert r["max_abs_diff"] < (2e-4 if r["op"] == "conv3x3_winograd" else 1e-4), r
     conv = [r for r in rows if r["op"] == "conv3x3_winograd"]
     assert conv and {r["tile"] for r in conv} == {2, 4}
     assert all(r["others"]["packed oneDNN"]["paths"] == ["conv:packed"] for r in conv)  # the baseline really ran packed
     step = next(r for r in rows if r["op"] == "scheduler_step")
     assert set(step["others"]) == {"diffusers DDPMScheduler.step", "ddpm_fast DDPMScheduler.step"} - (
-        set() if HAVE["diffusers"] else {"diffusers DDPMScheduler.step"})
+        set() if HAVE["diffusers"] else {"diffusers DDPMScheduler.step"}
+    )
 
 
 @pytest.mark.skipif(not NATIVE, reason="the kernel benchmark times the native ops")
 def test_kernel_bench_records_the_wrappers_routing_and_times_the_kernel_too(tmp_path):
     out = tmp_path / "kernels.json"
-    assert kernels.main(["--configs", "cifar10-32:1", "--ops", "attention", "--rounds", "2", "--min-time", "0",
-                         "--json", str(out)]) == 0
+    assert (
+        kernels.main(
+            ["--configs", "cifar10-32:1", "--ops", "attention", "--rounds", "2", "--min-time", "0", "--json", str(out)]
+        )
+        == 0
+    )
     rows = _load(out)["results"]
     short = [r for r in rows if r["shape"][2] < ddpm_fast.ops.CPU_ATTENTION_MIN_KEYS]
     long = [r for r in rows if r["shape"][2] >= ddpm_fast.ops.CPU_ATTENTION_MIN_KEYS]
@@ -150,8 +174,17 @@ def test_kernel_bench_records_the_wrappers_routing_and_times_the_kernel_too(tmp_
 
 # -- unet and sample: the peers ---------------------------------------------------------------------------------
 
-ALL_UNET = ["diffusers_eager", "diffusers_channels_last", "onnxruntime", "openvino", "diffusers_compile",
-            "diffusers_compile_max_autotune", "ddpm_fast_compile", "ddpm_fast_reference", "ddpm_fast"]
+ALL_UNET = [
+    "diffusers_eager",
+    "diffusers_channels_last",
+    "onnxruntime",
+    "openvino",
+    "diffusers_compile",
+    "diffusers_compile_max_autotune",
+    "ddpm_fast_compile",
+    "ddpm_fast_reference",
+    "ddpm_fast",
+]
 
 
 def _check_peer_skips(variants):
@@ -166,8 +199,20 @@ def _check_peer_skips(variants):
 @needs_diffusers
 def test_unet_bench_times_every_engine_against_diffusers(tmp_path):
     out = tmp_path / "unet.json"
-    code = unet.main(["--configs", "tiny:2", "--rounds", "2", "--compile-backend", "eager", "--variants",
-                      ",".join(ALL_UNET), "--json", str(out)])
+    code = unet.main(
+        [
+            "--configs",
+            "tiny:2",
+            "--rounds",
+            "2",
+            "--compile-backend",
+            "eager",
+            "--variants",
+            ",".join(ALL_UNET),
+            "--json",
+            str(out),
+        ]
+    )
     report = _load(out)
     (row,) = report["results"]
     v = row["variants"]
@@ -205,25 +250,67 @@ def test_a_missing_peer_is_recorded_as_skipped_with_its_reason(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     monkeypatch.setitem(sys.modules, "openvino", None)
     out = tmp_path / "unet.json"
-    assert unet.main(["--configs", "tiny:1", "--rounds", "2", "--variants", "onnxruntime,openvino,ddpm_fast",
-                      "--json", str(out)]) == 0
+    assert (
+        unet.main(
+            ["--configs", "tiny:1", "--rounds", "2", "--variants", "onnxruntime,openvino,ddpm_fast", "--json", str(out)]
+        )
+        == 0
+    )
     v = _load(out)["results"][0]["variants"]
     assert "onnxruntime not installed" in v["onnxruntime"]["skipped"]
     assert "openvino not installed" in v["openvino"]["skipped"]
     assert v["ddpm_fast"]["ms_median"] > 0
     out2 = tmp_path / "bf16.json"
-    assert unet.main(["--configs", "tiny:1", "--dtypes", "bf16", "--rounds", "1", "--variants", "onnxruntime",
-                      "--json", str(out2)]) == 0
+    assert (
+        unet.main(
+            [
+                "--configs",
+                "tiny:1",
+                "--dtypes",
+                "bf16",
+                "--rounds",
+                "1",
+                "--variants",
+                "onnxruntime",
+                "--json",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     assert "fp32 only" in _load(out2)["results"][0]["variants"]["onnxruntime"]["skipped"]
 
 
 @needs_diffusers
 def test_sample_bench_runs_whole_pipelines_with_the_peers_on_diffusers_scheduler(tmp_path):
     out = tmp_path / "sample.json"
-    variants = ["diffusers_eager", "diffusers_channels_last", "onnxruntime", "openvino", "diffusers_compile",
-                "ddpm_fast_compile", "ddpm_fast_nograph", "ddpm_fast_reference", "ddpm_fast"]
-    code = sample.main(["--configs", "tiny:2", "--steps", "2", "--rounds", "2", "--compile-backend", "eager",
-                        "--variants", ",".join(variants), "--json", str(out)])
+    variants = [
+        "diffusers_eager",
+        "diffusers_channels_last",
+        "onnxruntime",
+        "openvino",
+        "diffusers_compile",
+        "ddpm_fast_compile",
+        "ddpm_fast_nograph",
+        "ddpm_fast_reference",
+        "ddpm_fast",
+    ]
+    code = sample.main(
+        [
+            "--configs",
+            "tiny:2",
+            "--steps",
+            "2",
+            "--rounds",
+            "2",
+            "--compile-backend",
+            "eager",
+            "--variants",
+            ",".join(variants),
+            "--json",
+            str(out),
+        ]
+    )
     report = _load(out)
     (row,) = report["results"]
     v = row["variants"]
@@ -259,9 +346,11 @@ def test_winograd_ab_runs_the_paths_it_names(tmp_path, baseline):
     else:
         assert "conv:winograd4" not in paths_b and paths_b["conv:winograd2"] > 0
     assert sum(v for k, v in paths_w.items() if k.startswith("conv:")) == sum(
-        v for k, v in paths_b.items() if k.startswith("conv:"))  # the same convolutions, on other paths
+        v for k, v in paths_b.items() if k.startswith("conv:")
+    )  # the same convolutions, on other paths
     assert row["max_abs_diff"] < 1e-4 and row["speedup"] == pytest.approx(
-        row["variants"][baseline]["ms_median"] / row["variants"]["winograd"]["ms_median"])
+        row["variants"][baseline]["ms_median"] / row["variants"]["winograd"]["ms_median"]
+    )
 
 
 def test_winograd_refuses_cuda():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pickle
 
 import pytest
 import torch
@@ -235,8 +234,12 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(tmp_path, ref_model)
     with pytest.raises(CheckpointError) as info:
         UNet2DModel.from_pretrained(tmp_path)
     msg = str(info.value)
-    for part in ("1 missing key(s): conv_in.bias", "1 unexpected key(s): extra.weight",
-                 "conv_out.weight: checkpoint (3, 32, 1, 1) vs model (3, 32, 3, 3)", "diffusion_pytorch_model.safetensors"):
+    for part in (
+        "1 missing key(s): conv_in.bias",
+        "1 unexpected key(s): extra.weight",
+        "conv_out.weight: checkpoint (3, 32, 1, 1) vs model (3, 32, 3, 3)",
+        "diffusion_pytorch_model.safetensors",
+    ):
         assert part in msg, msg
 
 

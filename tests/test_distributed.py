@@ -21,18 +21,63 @@ from ddpm_fast.distributed import Distributed, PeerFailedError, init_distributed
 from ddpm_fast.sampling import load_png, remove_stale_temp_files, write_npz
 
 NUM_IMAGES, BATCH = 7, 2  # 4 batches, the last one short: uneven shares on 2 ranks
-SAMPLE_ARGS = ["--num-images", NUM_IMAGES, "--batch-size", BATCH, "--steps", 3, "--seed", 5, "--device", "cpu",
-               "--threads", 1, "--quiet"]
+SAMPLE_ARGS = [
+    "--num-images",
+    NUM_IMAGES,
+    "--batch-size",
+    BATCH,
+    "--steps",
+    3,
+    "--seed",
+    5,
+    "--device",
+    "cpu",
+    "--threads",
+    1,
+    "--quiet",
+]
 TRAIN_ARGS = [
-    "--data", "digits", "--resolution", "8", "--block-out-channels", "8,16", "--norm-num-groups", "4",
-    "--attention-levels", "1", "--batch-size", "4", "--warmup-steps", "1", "--log-every", "1", "--max-steps", "4",
-    "--checkpoint-every", "2", "--num-threads", "1", "--device", "cpu", "--quiet",
+    "--data",
+    "digits",
+    "--resolution",
+    "8",
+    "--block-out-channels",
+    "8,16",
+    "--norm-num-groups",
+    "4",
+    "--attention-levels",
+    "1",
+    "--batch-size",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--log-every",
+    "1",
+    "--max-steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--num-threads",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
     # Adam turns float noise in near-zero gradients (attention key biases have none in exact arithmetic)
     # into steps of up to lr, so the weight tolerance below is meaningful relative to lr: 1e-5 = 10% of a step.
-    "--lr", "1e-4",
+    "--lr",
+    "1e-4",
 ]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def free_port() -> int:
@@ -45,8 +90,20 @@ def torchrun(*argv, nproc: int = 2, env: dict | None = None, timeout: float = 18
     """``python -m torch.distributed.run --nproc-per-node N -m ddpm_fast ARGV`` on localhost."""
     full_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("DDPM_FAST_TEST")}
     full_env.update(OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "ddpm_fast", *map(str, argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "ddpm_fast",
+        *map(str, argv),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
@@ -60,9 +117,17 @@ def tiny_model(tmp_path_factory) -> Path:
     from ddpm_fast import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
     folder = tmp_path_factory.mktemp("model")
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(folder)
     return folder
@@ -84,6 +149,7 @@ def two_ranks(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
 
 
 # -- sampling -------------------------------------------------------------------------------------
+
 
 def test_two_ranks_byte_identical_to_one_process(one_process, two_ranks):
     out2, _ = two_ranks
@@ -120,8 +186,14 @@ def test_killed_rank_then_resume_completes_without_duplicates(tiny_model, one_pr
     """Rank 1 dies hard after one batch; torchrun stops the job; a rerun with --resume finishes it."""
     out = tmp_path / "s"
     args = ["sample", "--model", tiny_model, "--output", out, *SAMPLE_ARGS]
-    crashed = torchrun(*args, env={"DDPM_FAST_TEST_FAIL_AFTER_BATCHES": "1", "DDPM_FAST_TEST_FAIL_RANK": "1",
-                                   "DDPM_FAST_TEST_FAIL_HARD": "1"})
+    crashed = torchrun(
+        *args,
+        env={
+            "DDPM_FAST_TEST_FAIL_AFTER_BATCHES": "1",
+            "DDPM_FAST_TEST_FAIL_RANK": "1",
+            "DDPM_FAST_TEST_FAIL_HARD": "1",
+        },
+    )
     assert crashed.returncode != 0
     done = png_bytes(out)
     # Batch 1 (rank 1's first) is on disk, batch 3 (rank 1's second) is not; no npz for an unfinished run.
@@ -142,6 +214,7 @@ def test_killed_rank_then_resume_completes_without_duplicates(tiny_model, one_pr
 
 # -- training -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained_one(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train1") / "m"
@@ -153,8 +226,13 @@ def trained_one(tmp_path_factory) -> Path:
 def trained_two(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """DDP on 2 ranks: rank 1 raises before step 3, then a rerun resumes from checkpoint-2."""
     out = tmp_path_factory.mktemp("train2") / "m"
-    failed = torchrun("train", "--output", out, *TRAIN_ARGS,
-                      env={"DDPM_FAST_TEST_FAIL_AFTER_BATCHES": "2", "DDPM_FAST_TEST_FAIL_RANK": "1"})
+    failed = torchrun(
+        "train",
+        "--output",
+        out,
+        *TRAIN_ARGS,
+        env={"DDPM_FAST_TEST_FAIL_AFTER_BATCHES": "2", "DDPM_FAST_TEST_FAIL_RANK": "1"},
+    )
     resumed = torchrun("train", "--output", out, *TRAIN_ARGS)
     return out, failed, resumed
 
@@ -204,6 +282,7 @@ def test_batch_must_divide_over_ranks(tmp_path):
 
 
 # -- units (no processes) -------------------------------------------------------------------------
+
 
 def test_shard_round_robin_covers_every_batch_once():
     items = list(range(11))

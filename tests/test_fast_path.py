@@ -21,7 +21,7 @@ import ddpm_fast
 from ddpm_fast import cuda_graphs, fast_path
 from ddpm_fast.models import conv as conv_mod
 from ddpm_fast.models.conv import Conv2d
-from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, REFERENCE_TOL, TINY, pipeline_images, unet_pair
+from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, TINY, pipeline_images, unet_pair
 
 diffusers = pytest.importorskip("diffusers")
 

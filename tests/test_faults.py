@@ -21,10 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import ddpm_fast
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import ddpm_fast
 from ddpm_fast import (
     DDIMScheduler,
     DDPMPipeline,
@@ -38,8 +41,6 @@ from ddpm_fast.checkpoints import CheckpointError, load_sharded_safetensors
 from ddpm_fast.cli import main
 from ddpm_fast.models import prepared
 from ddpm_fast.sampling import write_npz, write_png_atomic
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -61,9 +62,17 @@ def one_line_error(err: str) -> str:
 def model(tmp_path_factory) -> Path:
     """A tiny 1-channel 8x8 pipeline (with attention) and a 20-step DDPM scheduler."""
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
     folder = tmp_path_factory.mktemp("model") / "pipe"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(folder)
     return folder
@@ -138,8 +147,9 @@ SCHEDULER_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("field,value,problem", SCHEDULER_FIELDS,
-                         ids=[f"{f}={json.dumps(v)}" for f, v, _ in SCHEDULER_FIELDS])
+@pytest.mark.parametrize(
+    "field,value,problem", SCHEDULER_FIELDS, ids=[f"{f}={json.dumps(v)}" for f, v, _ in SCHEDULER_FIELDS]
+)
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler], ids=lambda c: c.__name__)
 def test_scheduler_config_field_named(pipe_copy, cls, field, value, problem):
     config = pipe_copy / "scheduler" / "scheduler_config.json"
@@ -151,12 +161,15 @@ def test_scheduler_config_field_named(pipe_copy, cls, field, value, problem):
         cls.from_pretrained(pipe_copy, subfolder="scheduler")
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("act_fn", "tanhh", "act_fn 'tanhh'"),
-    ("block_out_channels", [8, 16, 16], "block_out_channels"),
-    ("norm_num_groups", 3, "norm_num_groups"),
-    ("time_embedding_type", "rotary", "time_embedding_type"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("act_fn", "tanhh", "act_fn 'tanhh'"),
+        ("block_out_channels", [8, 16, 16], "block_out_channels"),
+        ("norm_num_groups", 3, "norm_num_groups"),
+        ("time_embedding_type", "rotary", "time_embedding_type"),
+    ],
+)
 def test_constructor_errors_name_the_config_file(pipe_copy, field, value, needle):
     """Values of the right type that the UNet refuses: its own message, prefixed with the file."""
     config = pipe_copy / "unet" / "config.json"
@@ -173,14 +186,17 @@ def test_scheduler_constructor_errors_name_the_file(pipe_copy):
     assert isinstance(info.value, ValueError)  # still the error class the schedulers raise
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b'{"sample_size": 8, "in_chan', "not valid JSON"),  # truncated
-    (b"", "not valid JSON"),
-    (b"\xff\xfe\x00garbage", "not valid JSON"),
-    (b"[1, 2, 3]", "does not hold a JSON object"),
-    (b'"UNet2DModel"', "does not hold a JSON object"),
-    (b"[" * 100000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b'{"sample_size": 8, "in_chan', "not valid JSON"),  # truncated
+        (b"", "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+        (b"[1, 2, 3]", "does not hold a JSON object"),
+        (b'"UNet2DModel"', "does not hold a JSON object"),
+        (b"[" * 100000, "nested too deeply"),
+    ],
+)
 def test_unreadable_config_json_names_the_file(pipe_copy, content, needle):
     config = pipe_copy / "unet" / "config.json"
     config.write_bytes(content)
@@ -225,15 +241,19 @@ def test_good_configs_still_load(model):
 
 # -- model_index.json ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("unet", 5, "must be a [library, class name] pair"),
-    ("unet", "UNet2DModel", "must be a [library, class name] pair"),
-    ("scheduler", {}, "must be a [library, class name] pair"),
-    ("scheduler", ["diffusers"], "must be a [library, class name] pair"),
-    ("unet", [None, None], "has no unet"),
-    ("unet", ["diffusers", "UNet2DConditionModel"], "names class 'UNet2DConditionModel'"),
-    ("scheduler", ["diffusers", "PNDMScheduler"], "names class 'PNDMScheduler'"),
-])
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("unet", 5, "must be a [library, class name] pair"),
+        ("unet", "UNet2DModel", "must be a [library, class name] pair"),
+        ("scheduler", {}, "must be a [library, class name] pair"),
+        ("scheduler", ["diffusers"], "must be a [library, class name] pair"),
+        ("unet", [None, None], "has no unet"),
+        ("unet", ["diffusers", "UNet2DConditionModel"], "names class 'UNet2DConditionModel'"),
+        ("scheduler", ["diffusers", "PNDMScheduler"], "names class 'PNDMScheduler'"),
+    ],
+)
 def test_model_index_field_named(pipe_copy, field, value, needle):
     index = pipe_copy / "model_index.json"
     edit_json(index, **{field: value})
@@ -259,13 +279,14 @@ def test_cli_bad_model_file_is_one_line_naming_it(pipe_copy, tmp_path, capsys):
 
 # -- weights: sharded index, shard paths, truncated files ----------------------------------------------------------
 
+
 @pytest.fixture
 def sharded(pipe_copy) -> Path:
     """``pipe_copy/unet`` with its weights split into two shards and an index, as diffusers writes them."""
     unet = pipe_copy / "unet"
     state = load_file(unet / WEIGHTS)
     keys = sorted(state)
-    halves = (keys[: len(keys) // 2], keys[len(keys) // 2:])
+    halves = (keys[: len(keys) // 2], keys[len(keys) // 2 :])
     weight_map = {}
     for shard, part in zip(SHARDS, halves):
         save_file({k: state[k] for k in part}, unet / shard, metadata={"format": "pt"})
@@ -332,16 +353,22 @@ def test_hub_cache_layout_with_blob_symlinks_loads(sharded, tmp_path):
         load_sharded_safetensors(str(unet / INDEX), lambda shard: str(unet / shard))
 
 
-@pytest.mark.parametrize("index,needle", [
-    ({"weight_map": ["conv_in.weight", "conv_in.bias"]}, "field 'weight_map' must be an object"),  # AttributeError before
-    ({"weight_map": "diffusion_pytorch_model-00001-of-00002.safetensors"}, "field 'weight_map' must be an object"),
-    ({"metadata": {}}, "field 'weight_map' is missing"),
-    ({"weight_map": {}}, "field 'weight_map' is empty"),
-    ({"weight_map": {"conv_in.weight": 5}}, "field 'weight_map' entry 'conv_in.weight' must be a shard file name"),
-    ({"weight_map": {"conv_in.weight": ""}}, "field 'weight_map' names shard ''"),
-    ([1, 2], "not a valid sharded-checkpoint index"),
-    ('{"weight_map": {"conv_in.weight": "diffusion_pytor', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "index,needle",
+    [
+        (
+            {"weight_map": ["conv_in.weight", "conv_in.bias"]},
+            "field 'weight_map' must be an object",
+        ),  # AttributeError before
+        ({"weight_map": "diffusion_pytorch_model-00001-of-00002.safetensors"}, "field 'weight_map' must be an object"),
+        ({"metadata": {}}, "field 'weight_map' is missing"),
+        ({"weight_map": {}}, "field 'weight_map' is empty"),
+        ({"weight_map": {"conv_in.weight": 5}}, "field 'weight_map' entry 'conv_in.weight' must be a shard file name"),
+        ({"weight_map": {"conv_in.weight": ""}}, "field 'weight_map' names shard ''"),
+        ([1, 2], "not a valid sharded-checkpoint index"),
+        ('{"weight_map": {"conv_in.weight": "diffusion_pytor', "not valid JSON"),
+    ],
+)
 def test_bad_index_names_file_and_field(sharded, index, needle):
     (sharded / INDEX).write_text(index if isinstance(index, str) else json.dumps(index))
     with pytest.raises(CheckpointError, match=re.escape(str(sharded / INDEX)) + ".*" + re.escape(needle)):
@@ -430,6 +457,7 @@ def test_betas_from_a_config_file_name_file_and_argument(pipe_copy):
 
 # -- CLI files: no clobbering, permissions -----------------------------------------------------------------------
 
+
 def test_npz_onto_an_existing_file_refused(model, tmp_path, capsys):
     victim = tmp_path / "thesis.npz"
     victim.write_bytes(b"someone else's data")
@@ -466,8 +494,19 @@ def test_existing_grid_or_default_npz_refused(model, tmp_path, capsys, existing)
 
 def test_npz_into_a_missing_folder_refused_before_sampling(model, tmp_path, capsys):
     out = tmp_path / "s"
-    code, err = run_cli(capsys, "sample", "--model", model, "--num-images", 1, "--output", out,
-                        "--npz", tmp_path / "nope" / "x.npz", *SAMPLE)
+    code, err = run_cli(
+        capsys,
+        "sample",
+        "--model",
+        model,
+        "--num-images",
+        1,
+        "--output",
+        out,
+        "--npz",
+        tmp_path / "nope" / "x.npz",
+        *SAMPLE,
+    )
     assert code == 2 and "does not exist" in one_line_error(err) and str(tmp_path / "nope") in err
     assert not list(out.glob("*.png"))
 
@@ -515,6 +554,7 @@ def test_files_get_the_umask_permissions(model, tmp_path, capsys, umask):
 
 # -- interrupted and damaged runs ------------------------------------------------------------------------------
 
+
 def png_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("0*.png"))}
 
@@ -523,8 +563,28 @@ def png_bytes(folder: Path) -> dict[str, bytes]:
 def reference_run(model, tmp_path_factory) -> Path:
     """6 images in batches of 2, uninterrupted."""
     out = tmp_path_factory.mktemp("reference") / "s"
-    assert main([str(a) for a in ["sample", "--model", model, "--num-images", 6, "--batch-size", 2, "--seed", 3,
-                                  "--output", out, *SAMPLE]]) == 0
+    assert (
+        main(
+            [
+                str(a)
+                for a in [
+                    "sample",
+                    "--model",
+                    model,
+                    "--num-images",
+                    6,
+                    "--batch-size",
+                    2,
+                    "--seed",
+                    3,
+                    "--output",
+                    out,
+                    *SAMPLE,
+                ]
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -549,8 +609,22 @@ def test_resume_resamples_damaged_image_and_names_it(model, reference_run, tmp_p
     (out / "samples_6x8x8x1.npz").unlink()
     damage(out / "000003.png", how)
     untouched = {n: os.stat(out / n).st_mtime_ns for n in ("000000.png", "000002.png", "000005.png")}
-    code, err = run_cli(capsys, "sample", "--model", model, "--num-images", 6, "--batch-size", 2, "--seed", 3,
-                        "--output", out, "--resume", *SAMPLE)
+    code, err = run_cli(
+        capsys,
+        "sample",
+        "--model",
+        model,
+        "--num-images",
+        6,
+        "--batch-size",
+        2,
+        "--seed",
+        3,
+        "--output",
+        out,
+        "--resume",
+        *SAMPLE,
+    )
     assert code == 0, err
     assert "1 damaged image(s)" in err and "000003.png" in err
     assert png_bytes(out) == png_bytes(reference_run)
@@ -574,8 +648,9 @@ def test_sigkilled_run_then_resume_is_byte_identical(model, reference_run, tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_FAST_TEST")}
     # The test hook stops the process (SIGSTOP) before its third batch, so the kill lands at a known point.
     env.update(DDPM_FAST_TEST_FAIL_AFTER_BATCHES="2", DDPM_FAST_TEST_FAIL_HARD="stop", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_fast", *map(str, args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_fast", *map(str, args)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -625,9 +700,32 @@ def test_two_ranks_resume_over_a_damaged_image_is_byte_identical(model, referenc
     launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launch and not k.startswith("DDPM_FAST_TEST")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "ddpm_fast", "sample", "--model", str(model), "--num-images", "6",
-           "--batch-size", "2", "--seed", "3", "--output", str(out), "--resume", *map(str, SAMPLE)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "ddpm_fast",
+        "sample",
+        "--model",
+        str(model),
+        "--num-images",
+        "6",
+        "--batch-size",
+        "2",
+        "--seed",
+        "3",
+        "--output",
+        str(out),
+        "--resume",
+        *map(str, SAMPLE),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("damaged image(s)") == 1 and "000002.png" in proc.stderr  # said once, by rank 0
@@ -643,9 +741,13 @@ def test_two_ranks_resume_over_a_damaged_image_is_byte_identical(model, referenc
 # 64 channels and batch 4: the 16x16 level runs Winograd F(4x4), the 8x8 level F(2x2), the rest packed oneDNN,
 # and the attention at 8x8 its packed QKV, so every kind of prepared copy is exercised.
 CONFIG = {
-    "block_out_channels": [64, 64], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "sample_size": 16,
-    "norm_num_groups": 8, "attention_head_dim": None,
+    "block_out_channels": [64, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "norm_num_groups": 8,
+    "attention_head_dim": None,
 }
 TOL = 1e-4
 
@@ -762,8 +864,16 @@ def _inference_mode_edit(model):
 
 
 MUTATIONS = [
-    _edit_data_in_place, _copy_through_data, _diffusers_ema_copy_to, _load_state_dict_copy, _load_state_dict_assign,
-    _to_and_back, _requires_grad_and_optimizer_step, _replace_parameter_objects, _weight_norm, _inference_mode_edit,
+    _edit_data_in_place,
+    _copy_through_data,
+    _diffusers_ema_copy_to,
+    _load_state_dict_copy,
+    _load_state_dict_assign,
+    _to_and_back,
+    _requires_grad_and_optimizer_step,
+    _replace_parameter_objects,
+    _weight_norm,
+    _inference_mode_edit,
 ]
 
 

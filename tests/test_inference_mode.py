@@ -47,7 +47,9 @@ def test_shipped_pipeline_under_inference_mode(two_threads):
 
     pipe = ddpm_fast.DDPMPipeline.from_pretrained(shipped_model_path())
     pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images  # noqa: E731
+    run = lambda: (
+        pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    )  # noqa: E731
     expected = run()
     with torch.inference_mode():
         got = run()
@@ -63,7 +65,9 @@ def test_pipeline_loaded_inside_inference_mode_keeps_the_packed_path(two_threads
     from ddpm_fast import fast_path
     from ddpm_fast.weights import shipped_model_path
 
-    run = lambda p: p(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images  # noqa: E731
+    run = lambda p: (
+        p(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    )  # noqa: E731
     outside = ddpm_fast.DDPMPipeline.from_pretrained(shipped_model_path())
     outside.set_progress_bar_config(disable=True)
     expected = run(outside)

@@ -77,8 +77,13 @@ def _gn_case(shape, groups, dtype, channels_last, silu, use_temb, affine=True, s
     pb = None if b is None else b.to(dtype)
     theirs = _gn_ref(x, groups, pw, pb, eps, temb, silu)
     ref64 = _gn_ref(
-        x.double(), groups, None if w is None else w.double(), None if b is None else b.double(), eps,
-        None if temb is None else temb.double(), silu,
+        x.double(),
+        groups,
+        None if w is None else w.double(),
+        None if b is None else b.double(),
+        eps,
+        None if temb is None else temb.double(),
+        silu,
     )
     return x, ours, theirs, ref64
 
@@ -115,7 +120,9 @@ def test_group_norm_silu_no_affine_and_fp32_params(dtype):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype,shift", [(torch.float32, 1e4), (torch.float16, 300.0), (torch.bfloat16, 500.0)], ids=str)
+@pytest.mark.parametrize(
+    "dtype,shift", [(torch.float32, 1e4), (torch.float16, 300.0), (torch.bfloat16, 500.0)], ids=str
+)
 def test_group_norm_silu_large_mean_is_stable(dtype, shift, channels_last):
     # |mean| >> std: E[x^2] - E[x]^2 would lose every digit here; Welford/Chan must not.
     for shape in [(1, 256, 16, 16), (2, 64, 7, 9)]:
@@ -194,7 +201,9 @@ def test_group_norm_silu_opcheck():
             x = x.contiguous(memory_format=torch.channels_last)
         args = (x, 32, _randn((64,), 10), _randn((64,), 11), 1e-5, _randn((2, 64), 12), True)
         _opcheck(OPS.group_norm_silu.default, args)
-    _opcheck(OPS.group_norm_silu.default, (_randn((1, 256, 16, 16), 13, torch.float16), 32, None, None, 1e-6, None, False))
+    _opcheck(
+        OPS.group_norm_silu.default, (_randn((1, 256, 16, 16), 13, torch.float16), 32, None, None, 1e-6, None, False)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -228,7 +237,9 @@ def test_attention_matches_reference(B, H, L, S, D, dtype):
     for scale in (None, 0.3):
         ours = OPS.attention(q, k, v, scale)
         theirs = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        _assert_close_rule(ours, theirs, _attn_ref64(q, k, v, scale), dtype, f"attention {(B, H, L, S, D)} scale={scale}")
+        _assert_close_rule(
+            ours, theirs, _attn_ref64(q, k, v, scale), dtype, f"attention {(B, H, L, S, D)} scale={scale}"
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -258,7 +269,9 @@ def test_attention_strided_views(dtype):
     buf = _randn((B * H * S * D + 1,), 42, dtype)
     qu = buf[1:].view(B, H, S, D)
     ours = OPS.attention(qu, k, v, None)
-    _assert_close_rule(ours, F.scaled_dot_product_attention(qu, k, v), _attn_ref64(qu, k, v, None), dtype, "unaligned q")
+    _assert_close_rule(
+        ours, F.scaled_dot_product_attention(qu, k, v), _attn_ref64(qu, k, v, None), dtype, "unaligned q"
+    )
     # 3-D input (B, S, D).
     q3 = _randn((3, 20, 32), 43, dtype)
     ours = OPS.attention(q3, q3, q3, None)
@@ -332,7 +345,9 @@ def test_scheduler_step_matches_reference(shape, dtype):
     for noise, clip, c2 in [(n, None, 0.0), (None, 1.0, 0.05), (n, 0.5, -0.2)]:
         c = dict(COEFS, c2=c2)
         prev, x0 = OPS.scheduler_step(e, s, noise, *c.values(), clip)
-        ref_prev, ref_x0 = _step_ref(e.double(), s.double(), None if noise is None else noise.double(), *c.values(), clip)
+        ref_prev, ref_x0 = _step_ref(
+            e.double(), s.double(), None if noise is None else noise.double(), *c.values(), clip
+        )
         t_prev, t_x0 = _step_ref(e, s, noise, *c.values(), clip)
         _assert_close_rule(prev, t_prev, ref_prev, dtype, f"scheduler_step prev {shape}")
         _assert_close_rule(x0, t_x0, ref_x0, dtype, f"scheduler_step x0 {shape}")

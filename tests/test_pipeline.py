@@ -61,7 +61,9 @@ def make_unets(seed: int = 0, **overrides):
     return theirs, ours
 
 
-def run_both(theirs_unet, ours_unet, scheduler_kwargs, steps=10, batch_size=2, seed=0, scheduler_class="DDPMScheduler", **call):
+def run_both(
+    theirs_unet, ours_unet, scheduler_kwargs, steps=10, batch_size=2, seed=0, scheduler_class="DDPMScheduler", **call
+):
     theirs = diffusers.DDPMPipeline(theirs_unet, getattr(diffusers, scheduler_class)(**scheduler_kwargs))
     ours = ddpm_fast.DDPMPipeline(ours_unet, getattr(ddpm_fast, scheduler_class)(**scheduler_kwargs))
     theirs.set_progress_bar_config(disable=True)
@@ -175,7 +177,9 @@ UNET_GRID = {
     "head-dim-2": dict(attention_head_dim=2),
     "no-mid-block": dict(mid_block_type=None),
     "non-square": dict(sample_size=(8, 16)),
-    "cifar-like": dict(freq_shift=1, flip_sin_to_cos=False, downsample_padding=0, norm_eps=1e-6, attention_head_dim=None),
+    "cifar-like": dict(
+        freq_shift=1, flip_sin_to_cos=False, downsample_padding=0, norm_eps=1e-6, attention_head_dim=None
+    ),
 }
 
 
@@ -189,11 +193,18 @@ def test_unet_config_grid_matches_diffusers(name, each_backend):
 
 # -- diffusers' own published expectation ----------------------------------------------------------
 
+
 def test_diffusers_tiny_pipeline_slice():
     """diffusers' DDPMPipeline fast test: its tiny UNet (seed 0), 2 steps, CPU generator seed 0."""
     config = dict(
-        block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4, sample_size=8, in_channels=3, out_channels=3,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     )
     torch.manual_seed(0)
     unet = ddpm_fast.UNet2DModel(**config)  # same module order as diffusers, so the same random init
@@ -203,11 +214,14 @@ def test_diffusers_tiny_pipeline_slice():
     expected = np.array([0.0, 0.9996672, 0.00329116, 1.0, 0.9995991, 1.0, 0.0060907, 0.00115037, 0.0])
     assert image.shape == (1, 8, 8, 3)
     assert np.abs(image[0, -3:, -3:, -1].flatten() - expected).max() < 1e-2  # diffusers' own tolerance
-    tuple_image = pipe(generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, output_type="np", return_dict=False)[0]
+    tuple_image = pipe(
+        generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, output_type="np", return_dict=False
+    )[0]
     assert np.array_equal(image, tuple_image)
 
 
 # -- RNG: generator forms ---------------------------------------------------------------------------
+
 
 def test_generator_list_matches_diffusers(unets):
     theirs_unet, ours_unet = unets
@@ -220,7 +234,9 @@ def test_generator_list_matches_diffusers(unets):
     b = ours(batch_size=3, generator=gens(), num_inference_steps=10, output_type="np").images
     assert_images_close(a, b)
     # Image i depends only on generator i: a batch of one with generator 4 reproduces image 1.
-    c = ours(batch_size=1, generator=[torch.Generator().manual_seed(4)], num_inference_steps=10, output_type="np").images
+    c = ours(
+        batch_size=1, generator=[torch.Generator().manual_seed(4)], num_inference_steps=10, output_type="np"
+    ).images
     assert np.abs(c[0] - b[1]).max() <= 1e-5
 
 
@@ -238,6 +254,7 @@ def test_global_rng_matches_diffusers(unets):
 
 
 # -- output types -----------------------------------------------------------------------------------
+
 
 def test_output_types(unets):
     _, unet = unets
@@ -275,9 +292,12 @@ def test_progress_bar_config(unets, capsys):
 
 # -- loading and saving ------------------------------------------------------------------------------
 
+
 def _images(pipe, steps=10, **kw):
     pipe.set_progress_bar_config(disable=True)
-    return pipe(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=steps, output_type="np", **kw).images
+    return pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=steps, output_type="np", **kw
+    ).images
 
 
 def test_diffusers_saved_pipeline_loads_here_and_back(unets, tmp_path):
@@ -314,9 +334,15 @@ def test_flat_legacy_layout_with_bin_and_old_attention_names(unets, tmp_path):
     torch.save(legacy, folder / "diffusion_pytorch_model.bin")
     theirs_unet.save_config(folder)
     diffusers.DDPMScheduler(variance_type="fixed_large").save_config(folder)
-    (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
-    ))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+        )
+    )
     ours = ddpm_fast.DDPMPipeline.from_pretrained(folder)
     theirs = diffusers.DDPMPipeline(theirs_unet, diffusers.DDPMScheduler(variance_type="fixed_large"))
     assert_images_close(_images(ours), _images(theirs))
@@ -395,6 +421,7 @@ def test_hub_id_without_huggingface_hub(monkeypatch):
 
 
 # -- bad input ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "kwargs, match",

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import pickle
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-import diffusers
 import ddpm_fast
 from ddpm_fast import ops
 from ddpm_fast.schedulers import (
@@ -53,7 +53,7 @@ def _tensors(seed: int, shape=SHAPE, out_channels: int | None = None, dtype=torc
     oshape = (shape[0], out_channels or shape[1], *shape[2:])
     model_output = torch.randn(oshape, generator=g).to(dtype)
     if out_channels:  # learned variance: second half is the interpolation frac in [-1, 1]
-        model_output[:, shape[1]:] = torch.tanh(model_output[:, shape[1]:])
+        model_output[:, shape[1] :] = torch.tanh(model_output[:, shape[1] :])
     return model_output, sample
 
 
@@ -62,8 +62,20 @@ def _assert_close(ours, theirs, what, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def _compare_steps(ours, theirs, timesteps, step_kwargs=None, seed=0, out_channels=None, dtype=torch.float32,
-                   rtol=1e-5, atol=1e-5, fresh_sample_each_step=False, chain=True, scale_atol=False):
+def _compare_steps(
+    ours,
+    theirs,
+    timesteps,
+    step_kwargs=None,
+    seed=0,
+    out_channels=None,
+    dtype=torch.float32,
+    rtol=1e-5,
+    atol=1e-5,
+    fresh_sample_each_step=False,
+    chain=True,
+    scale_atol=False,
+):
     """Run the same step sequence in both schedulers with equally seeded generators and compare.
 
     ``chain``: feed each step's prev_sample into the next (else every step gets a fresh finite sample).
@@ -85,8 +97,9 @@ def _compare_steps(ours, theirs, timesteps, step_kwargs=None, seed=0, out_channe
             tol = atol * max(1.0, float(x_theirs.abs().max()) / float(theirs.alphas_cumprod[int(t)]) ** 0.5)
         a = ours.step(model_output, t, x_ours, generator=g_ours, **step_kwargs)
         b = theirs.step(model_output.clone(), t, x_theirs, generator=g_theirs, **step_kwargs)
-        _assert_close(a.pred_original_sample, b.pred_original_sample, f"pred_original_sample at t={int(t)}",
-                      rtol=rtol, atol=tol)
+        _assert_close(
+            a.pred_original_sample, b.pred_original_sample, f"pred_original_sample at t={int(t)}", rtol=rtol, atol=tol
+        )
         _assert_close(a.prev_sample, b.prev_sample, f"prev_sample at t={int(t)}", rtol=rtol, atol=tol)
         x_ours, x_theirs = a.prev_sample, b.prev_sample
     # Both consumed the same random numbers.
@@ -138,8 +151,9 @@ def test_beta_helpers_match_diffusers():
     from diffusers.schedulers import scheduling_ddpm as d
 
     for kind in ("cosine", "exp", "laplace"):
-        assert torch.equal(betas_for_alpha_bar(100, alpha_transform_type=kind),
-                           d.betas_for_alpha_bar(100, alpha_transform_type=kind))
+        assert torch.equal(
+            betas_for_alpha_bar(100, alpha_transform_type=kind), d.betas_for_alpha_bar(100, alpha_transform_type=kind)
+        )
     betas = torch.linspace(1e-4, 0.02, 50)
     assert torch.equal(rescale_zero_terminal_snr(betas.clone()), d.rescale_zero_terminal_snr(betas.clone()))
     with pytest.raises(ValueError, match="alpha_transform_type"):
@@ -148,8 +162,10 @@ def test_beta_helpers_match_diffusers():
 
 @pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("n_train,n_steps,offset", [(1000, 1, 0), (1000, 7, 1), (1000, 50, 0), (1000, 333, 2),
-                                                     (1000, 1000, 0), (50, 3, 0), (10, 10, 0)])
+@pytest.mark.parametrize(
+    "n_train,n_steps,offset",
+    [(1000, 1, 0), (1000, 7, 1), (1000, 50, 0), (1000, 333, 2), (1000, 1000, 0), (50, 3, 0), (10, 10, 0)],
+)
 def test_set_timesteps_matches_diffusers(name, spacing, n_train, n_steps, offset):
     if offset and n_steps * (n_train // n_steps) - (n_train // n_steps) + offset >= n_train:
         pytest.skip("offset runs past the table")
@@ -193,8 +209,9 @@ def test_ddim_previous_timestep_is_diffusers_formula():
 @pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
 @pytest.mark.parametrize("schedule", DDPM_SCHEDULES)
 def test_ddpm_step_matches_diffusers(backend, schedule, variance_type, prediction_type, spacing):
-    config = dict(beta_schedule=schedule, variance_type=variance_type, prediction_type=prediction_type,
-                  timestep_spacing=spacing)
+    config = dict(
+        beta_schedule=schedule, variance_type=variance_type, prediction_type=prediction_type, timestep_spacing=spacing
+    )
     learned = variance_type in ("learned", "learned_range")
     out_channels = 2 * SHAPE[1] if learned else None
     if variance_type == "fixed_large_log":
@@ -218,12 +235,17 @@ def test_ddpm_fixed_large_log_is_finite_where_diffusers_is_nan():
         with ddpm_fast.backend(b):
             ours = DDPMScheduler(variance_type="fixed_large_log")
             got = ours.step(model_output, 500, sample, generator=torch.Generator().manual_seed(0)).prev_sample
-            want = diffusers.DDPMScheduler(variance_type="fixed_large").step(
-                model_output, 500, sample, generator=torch.Generator().manual_seed(0)).prev_sample
+            want = (
+                diffusers.DDPMScheduler(variance_type="fixed_large")
+                .step(model_output, 500, sample, generator=torch.Generator().manual_seed(0))
+                .prev_sample
+            )
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     log_var = DDPMScheduler(variance_type="fixed_large_log")._get_variance(500)
-    torch.testing.assert_close(log_var, torch.log(diffusers.DDPMScheduler()._get_variance(500, variance_type="fixed_large")))
+    torch.testing.assert_close(
+        log_var, torch.log(diffusers.DDPMScheduler()._get_variance(500, variance_type="fixed_large"))
+    )
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
@@ -262,19 +284,26 @@ def test_clipping_and_thresholding(backend, name, prediction_type, clip, thresho
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("schedule", DDIM_SCHEDULES)
 def test_ddim_step_matches_diffusers(backend, schedule, prediction_type, spacing, eta, use_clipped):
-    ours, theirs = _pair("DDIMScheduler", beta_schedule=schedule, prediction_type=prediction_type,
-                         timestep_spacing=spacing)
+    ours, theirs = _pair(
+        "DDIMScheduler", beta_schedule=schedule, prediction_type=prediction_type, timestep_spacing=spacing
+    )
     ours.set_timesteps(6)
     theirs.set_timesteps(6)
-    _compare_steps(ours, theirs, ours.timesteps.tolist(), {"eta": eta, "use_clipped_model_output": use_clipped},
-                   fresh_sample_each_step=True)
+    _compare_steps(
+        ours,
+        theirs,
+        ours.timesteps.tolist(),
+        {"eta": eta, "use_clipped_model_output": use_clipped},
+        fresh_sample_each_step=True,
+    )
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddim_set_alpha_to_one_and_variance_noise(backend, set_alpha_to_one, prediction_type):
-    ours, theirs = _pair("DDIMScheduler", set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
-                         steps_offset=1)
+    ours, theirs = _pair(
+        "DDIMScheduler", set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type, steps_offset=1
+    )
     ours.set_timesteps(5)
     theirs.set_timesteps(5)
     model_output, sample = _tensors(4)
@@ -329,8 +358,9 @@ def test_rescale_betas_zero_snr(backend, name, prediction_type, spacing):
     # With zero terminal SNR, epsilon prediction divides by sqrt(alpha_bar_999) = 0 at t=999: diffusers gives
     # inf/NaN there and so must we (the fused path hands such steps to the reference code). Later steps get
     # fresh finite samples: how inf inputs propagate through reassociated arithmetic is not specified.
-    ours, theirs = _pair(name, rescale_betas_zero_snr=True, prediction_type=prediction_type, timestep_spacing=spacing,
-                         clip_sample=False)
+    ours, theirs = _pair(
+        name, rescale_betas_zero_snr=True, prediction_type=prediction_type, timestep_spacing=spacing, clip_sample=False
+    )
     assert float(ours.alphas_cumprod[-1]) == 0.0
     ours.set_timesteps(5)
     theirs.set_timesteps(5)
@@ -362,8 +392,17 @@ def test_other_dtypes(backend, name, dtype):
     # (a few ulps of the largest term); float64 must agree to 1e-5 like float32.
     eps = torch.finfo(dtype).eps
     tol = 1e-5 if dtype == torch.float64 else 8 * eps
-    _compare_steps(ours, theirs, ours.timesteps.tolist(), kwargs, dtype=dtype, rtol=tol, atol=tol,
-                   fresh_sample_each_step=True, scale_atol=dtype != torch.float64)
+    _compare_steps(
+        ours,
+        theirs,
+        ours.timesteps.tolist(),
+        kwargs,
+        dtype=dtype,
+        rtol=tol,
+        atol=tol,
+        fresh_sample_each_step=True,
+        scale_atol=dtype != torch.float64,
+    )
 
 
 def test_mixed_dtypes_promote_like_diffusers(backend):
@@ -378,11 +417,19 @@ def test_mixed_dtypes_promote_like_diffusers(backend):
 # -- diffusers' published full-loop numbers ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction_type,want_sum,want_mean", [("epsilon", 258.9606, 0.3372),
-                                                                 ("v_prediction", 202.0296, 0.2631)])
+@pytest.mark.parametrize(
+    "prediction_type,want_sum,want_mean", [("epsilon", 258.9606, 0.3372), ("v_prediction", 202.0296, 0.2631)]
+)
 def test_ddpm_full_loop_published_numbers(backend, prediction_type, want_sum, want_mean):
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                              variance_type="fixed_small", clip_sample=True, prediction_type=prediction_type)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        variance_type="fixed_small",
+        clip_sample=True,
+        prediction_type=prediction_type,
+    )
     sample = _dummy_sample_deter()
     generator = torch.manual_seed(0)  # diffusers' test uses the global CPU generator
     for t in reversed(range(len(scheduler))):
@@ -392,8 +439,9 @@ def test_ddpm_full_loop_published_numbers(backend, prediction_type, want_sum, wa
 
 
 def test_ddim_full_loop_published_numbers(backend):
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                              clip_sample=True)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=True
+    )
     scheduler.set_timesteps(10)
     sample = _dummy_sample_deter()
     for t in scheduler.timesteps:
@@ -456,8 +504,10 @@ def test_rng_consumption_order(backend):
 def test_generator_lists_match_diffusers(backend):
     ours, theirs = _pair("DDPMScheduler")
     model_output, sample = _tensors(0)
-    for make in (lambda: [torch.Generator().manual_seed(i) for i in range(SHAPE[0])],
-                 lambda: [torch.Generator().manual_seed(7)]):
+    for make in (
+        lambda: [torch.Generator().manual_seed(i) for i in range(SHAPE[0])],
+        lambda: [torch.Generator().manual_seed(7)],
+    ):
         a = ours.step(model_output, 10, sample, generator=make()).prev_sample
         b = theirs.step(model_output, 10, sample, generator=make()).prev_sample
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -548,8 +598,15 @@ def test_base_output_behaviour():
 
 @pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
 def test_config_roundtrip_with_diffusers(tmp_path, name):
-    config = dict(num_train_timesteps=500, beta_schedule="scaled_linear", prediction_type="v_prediction",
-                  clip_sample=False, timestep_spacing="trailing", steps_offset=1, rescale_betas_zero_snr=True)
+    config = dict(
+        num_train_timesteps=500,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        timestep_spacing="trailing",
+        steps_offset=1,
+        rescale_betas_zero_snr=True,
+    )
     if name == "DDPMScheduler":
         config["variance_type"] = "fixed_large"
     else:
@@ -572,16 +629,18 @@ def test_config_roundtrip_with_diffusers(tmp_path, name):
     again = getattr(ddpm_fast, name).from_pretrained(tmp_path / "pipe", subfolder="scheduler")
     assert {k: again.config[k] for k in init_keys} == {k: ours.config[k] for k in init_keys}
     # keyword overrides and unused kwargs
-    over, unused = getattr(ddpm_fast, name).from_pretrained(tmp_path / "ours", return_unused_kwargs=True,
-                                                            num_train_timesteps=100, not_a_key=1)
+    over, unused = getattr(ddpm_fast, name).from_pretrained(
+        tmp_path / "ours", return_unused_kwargs=True, num_train_timesteps=100, not_a_key=1
+    )
     assert over.config.num_train_timesteps == 100 and unused == {"not_a_key": 1}
 
 
 def test_configs_interchange_between_ddpm_and_ddim(backend):
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", variance_type="fixed_large", steps_offset=1)
     ddim = DDIMScheduler.from_config(ddpm.config)
-    theirs = diffusers.DDIMScheduler.from_config(diffusers.DDPMScheduler(**{
-        k: v for k, v in ddpm.config.items() if not k.startswith("_")}).config)
+    theirs = diffusers.DDIMScheduler.from_config(
+        diffusers.DDPMScheduler(**{k: v for k, v in ddpm.config.items() if not k.startswith("_")}).config
+    )
     for key in ("beta_schedule", "steps_offset", "num_train_timesteps"):
         assert ddim.config[key] == theirs.config[key]
     assert "variance_type" not in ddim.config
@@ -608,9 +667,18 @@ def test_config_is_read_only():
 
 def test_loading_a_legacy_google_config(tmp_path):
     # google/ddpm-cifar10-32's scheduler_config.json (plus a key from very old diffusers)
-    legacy = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02,
-              "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000,
-              "trained_betas": None, "variance_type": "fixed_large", "tensor_format": "pt"}
+    legacy = {
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": "0.1.1",
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "clip_sample": True,
+        "num_train_timesteps": 1000,
+        "trained_betas": None,
+        "variance_type": "fixed_large",
+        "tensor_format": "pt",
+    }
     (tmp_path / "scheduler_config.json").write_text(json.dumps(legacy))
     for name in ("DDPMScheduler", "DDIMScheduler"):
         ours = getattr(ddpm_fast, name).from_pretrained(tmp_path)
@@ -678,8 +746,10 @@ def test_unknown_beta_schedule_is_also_not_implemented_error():
 
 
 @pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
-@pytest.mark.parametrize("value,exc", [(0, ValueError), (1001, ValueError), (-3, ValueError), (2.5, ValueError),
-                                       ("10", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "value,exc",
+    [(0, ValueError), (1001, ValueError), (-3, ValueError), (2.5, ValueError), ("10", TypeError), (True, TypeError)],
+)
 def test_bad_num_inference_steps(name, value, exc):
     with pytest.raises(exc, match="num_inference_steps"):
         getattr(ddpm_fast, name)().set_timesteps(value)

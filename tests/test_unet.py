@@ -34,19 +34,35 @@ SKIP = dict(
 # name -> (config overrides, input (H, W), forward kwargs builder)
 CASES = {
     "default_blocks": dict(),
-    "ddpm_cifar_like": dict(downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None,
-                            norm_eps=1e-6, block_out_channels=(32, 32, 64),
-                            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
-    "resnet_blocks": dict(down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
-                          up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"), layers_per_block=2),
-    "attn_resnet_resample": dict(down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
-                                 downsample_type="resnet", upsample_type="resnet"),
+    "ddpm_cifar_like": dict(
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        attention_head_dim=None,
+        norm_eps=1e-6,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "resnet_blocks": dict(
+        down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
+        up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
+        layers_per_block=2,
+    ),
+    "attn_resnet_resample": dict(
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        downsample_type="resnet",
+        upsample_type="resnet",
+    ),
     "skip_blocks_fourier": dict(SKIP, time_embedding_type="fourier", flip_sin_to_cos=True),
-    "skip_blocks_3_levels": dict(SKIP, block_out_channels=(32, 64, 64), sample_size=16,
-                                 down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
-                                 up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D")),
+    "skip_blocks_3_levels": dict(
+        SKIP,
+        block_out_channels=(32, 64, 64),
+        sample_size=16,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+    ),
     "learned_time": dict(time_embedding_type="learned", num_train_timesteps=100),
     "class_embeds": dict(num_class_embeds=10),
     "class_timestep": dict(class_embed_type="timestep"),
@@ -59,8 +75,14 @@ CASES = {
     "non_square": dict(sample_size=(16, 8)),
     "no_mid_block": dict(mid_block_type=None),
     "no_mid_attention": dict(add_attention=False),
-    "gelu_centered_embdim": dict(act_fn="gelu", center_input_sample=True, time_embedding_dim=48, in_channels=4,
-                                 out_channels=2, mid_block_scale_factor=1.5),
+    "gelu_centered_embdim": dict(
+        act_fn="gelu",
+        center_input_sample=True,
+        time_embedding_dim=48,
+        in_channels=4,
+        out_channels=2,
+        mid_block_scale_factor=1.5,
+    ),
 }
 
 
@@ -143,8 +165,11 @@ def test_config_matches_diffusers(pairs):
     assert ours.dtype == torch.float32 and ours.device == torch.device("cpu")
 
 
-@pytest.mark.parametrize("timestep", [7, 7.0, torch.tensor(7), torch.tensor([7]), torch.tensor([7, 7]),
-                                      torch.tensor(7.0)], ids=["int", "float", "0d", "1d_len1", "1d_batch", "0d_float"])
+@pytest.mark.parametrize(
+    "timestep",
+    [7, 7.0, torch.tensor(7), torch.tensor([7]), torch.tensor([7, 7]), torch.tensor(7.0)],
+    ids=["int", "float", "0d", "1d_len1", "1d_batch", "0d_float"],
+)
 def test_timestep_forms(pairs, timestep):
     config, ref, ours = pairs("default_blocks")
     sample, _, _ = make_inputs(config)
@@ -261,7 +286,10 @@ def test_factories_name_unknown_types():
     with pytest.raises(ValueError, match="Baz"):
         get_mid_block("Baz", 128, 32, 1e-5, "silu", 8)
     assert get_mid_block(None, 128, 32, 1e-5, "silu", 8) is None
-    assert type(get_down_block("UNetResDownBlock2D", 1, 32, 32, 128, True, 1e-5, "silu", resnet_groups=8)).__name__ == "DownBlock2D"
+    assert (
+        type(get_down_block("UNetResDownBlock2D", 1, 32, 32, 128, True, 1e-5, "silu", resnet_groups=8)).__name__
+        == "DownBlock2D"
+    )
 
 
 def test_bad_forward_inputs(pairs):
@@ -286,21 +314,38 @@ def test_bad_forward_inputs(pairs):
 
 
 CIFAR10_CONFIG = dict(
-    act_fn="silu", attention_head_dim=None, block_out_channels=[128, 256, 256, 256], center_input_sample=False,
-    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1, in_channels=3, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-06,
-    norm_num_groups=32, out_channels=3, sample_size=32, time_embedding_type="positional",
+    act_fn="silu",
+    attention_head_dim=None,
+    block_out_channels=[128, 256, 256, 256],
+    center_input_sample=False,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    in_channels=3,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-06,
+    norm_num_groups=32,
+    out_channels=3,
+    sample_size=32,
+    time_embedding_type="positional",
     up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 )
 DDPM_256_CONFIG = dict(
-    CIFAR10_CONFIG, block_out_channels=[128, 128, 256, 256, 512, 512], sample_size=256,
+    CIFAR10_CONFIG,
+    block_out_channels=[128, 128, 256, 256, 512, 512],
+    sample_size=256,
     down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
 )
 
 
-@pytest.mark.parametrize("config, n_params", [(CIFAR10_CONFIG, 35_746_307), (DDPM_256_CONFIG, 113_673_219)],
-                         ids=["ddpm-cifar10-32", "ddpm-256"])
+@pytest.mark.parametrize(
+    "config, n_params",
+    [(CIFAR10_CONFIG, 35_746_307), (DDPM_256_CONFIG, 113_673_219)],
+    ids=["ddpm-cifar10-32", "ddpm-256"],
+)
 def test_real_checkpoint_architectures(config, n_params):
     """The google/ddpm-* architectures: same keys and shapes as diffusers, published parameter counts
     (built on the meta device: no memory, no initialisation)."""

@@ -131,14 +131,12 @@ def _try_load() -> None:
         mod = importlib.import_module("ddpm_fast._C")
     except ModuleNotFoundError as exc:
         _error = (
-            f"ddpm_fast._C is missing ({exc}): this ddpm_fast was installed without its native extension; "
-            f"{_REINSTALL}"
+            f"ddpm_fast._C is missing ({exc}): this ddpm_fast was installed without its native extension; {_REINSTALL}"
         )
         return
     except ImportError as exc:  # a broken build: undefined symbol, missing shared library
         _error = (
-            f"ddpm_fast._C ({_describe(info)}) could not be loaded with torch {torch.__version__}: {exc}; "
-            f"{_REINSTALL}"
+            f"ddpm_fast._C ({_describe(info)}) could not be loaded with torch {torch.__version__}: {exc}; {_REINSTALL}"
         )
         return
     target = getattr(mod, "target_version", None)

@@ -52,7 +52,9 @@ def add_variant(weights_name: str, variant: str | None = None) -> str:
 
 def _check_tensor_dict(obj, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors) but {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a mapping of names to tensors) but {type(obj).__name__}"
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(
@@ -70,7 +72,9 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"could not read safetensors weights file {path!r} (truncated or corrupt?): {e}") from None
+        raise CheckpointError(
+            f"could not read safetensors weights file {path!r} (truncated or corrupt?): {e}"
+        ) from None
 
 
 def load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -89,7 +93,9 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
     except (EOFError, RuntimeError, OSError, ValueError, AttributeError, ImportError, KeyError, IndexError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise CheckpointError(f"could not read PyTorch weights file {path!r} (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"could not read PyTorch weights file {path!r} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from None
     return _check_tensor_dict(obj, path)
 
 
@@ -116,25 +122,30 @@ def read_shard_index(index_path: str) -> dict[str, str]:
     except FileNotFoundError:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: not valid JSON "
-                              f"(truncated or not a JSON file?): {e}") from None
+        raise CheckpointError(
+            f"{index_path}: not a valid sharded-checkpoint index: not valid JSON (truncated or not a JSON file?): {e}"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"{index_path}: cannot read the sharded-checkpoint index: {e}") from None
     if not isinstance(index, dict):
-        raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: it holds "
-                              f"{_json_kind(index)}, not a JSON object")
+        raise CheckpointError(
+            f"{index_path}: not a valid sharded-checkpoint index: it holds {_json_kind(index)}, not a JSON object"
+        )
     if "weight_map" not in index:
         raise CheckpointError(f"{index_path}: not a valid sharded-checkpoint index: field 'weight_map' is missing")
     weight_map = index["weight_map"]
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: field 'weight_map' must be an object mapping tensor names to shard "
-                              f"files, got {_json_kind(weight_map)}")
+        raise CheckpointError(
+            f"{index_path}: field 'weight_map' must be an object mapping tensor names to shard "
+            f"files, got {_json_kind(weight_map)}"
+        )
     if not weight_map:
         raise CheckpointError(f"{index_path}: field 'weight_map' is empty: it names no shard")
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise CheckpointError(f"{index_path}: field 'weight_map' entry {name!r} must be a shard file name, got "
-                                  f"{_json_kind(shard)}")
+            raise CheckpointError(
+                f"{index_path}: field 'weight_map' entry {name!r} must be a shard file name, got {_json_kind(shard)}"
+            )
         check_shard_name(index_path, shard)
     return weight_map
 
@@ -142,8 +153,15 @@ def read_shard_index(index_path: str) -> dict[str, str]:
 def check_shard_name(index_path: str, shard: str) -> None:
     """Refuse a shard name that is empty, absolute or climbs out of the index's folder with ``..``."""
     parts = shard.replace("\\", "/").split("/")
-    if (not shard or "\0" in shard or os.path.isabs(shard) or shard.startswith(("/", "\\"))
-            or os.path.splitdrive(shard)[0] or ".." in parts or not parts[-1]):
+    if (
+        not shard
+        or "\0" in shard
+        or os.path.isabs(shard)
+        or shard.startswith(("/", "\\"))
+        or os.path.splitdrive(shard)[0]
+        or ".." in parts
+        or not parts[-1]
+    ):
         raise CheckpointError(
             f"{index_path}: field 'weight_map' names shard {shard!r}, which is not a file name inside the model "
             "folder (absolute paths and '..' are refused: a model folder must not read files outside itself)"
@@ -199,7 +217,9 @@ def load_sharded_safetensors(index_path: str, resolve_shard) -> dict[str, torch.
         try:
             path = os.fspath(resolve_shard(shard))
         except OSError as e:  # FileNotFoundError, hub errors
-            raise CheckpointError(f"{index_path}: shard {shard!r} named in field 'weight_map' cannot be found: {e}") from None
+            raise CheckpointError(
+                f"{index_path}: shard {shard!r} named in field 'weight_map' cannot be found: {e}"
+            ) from None
         check_shard_inside(index_path, shard, path)
         if not os.path.isfile(path):
             raise CheckpointError(f"{index_path}: shard {shard!r} named in field 'weight_map' is not a file ({path})")
@@ -231,8 +251,10 @@ def find_weights_file(
     tried: list[str] = []
     errors: list[str] = []
     if use_safetensors is not False:
-        for name, sharded in ((add_variant(SAFETENSORS_WEIGHTS_NAME, variant), False),
-                              (add_variant(SAFE_WEIGHTS_INDEX_NAME, variant), True)):
+        for name, sharded in (
+            (add_variant(SAFETENSORS_WEIGHTS_NAME, variant), False),
+            (add_variant(SAFE_WEIGHTS_INDEX_NAME, variant), True),
+        ):
             tried.append(name)
             try:
                 return resolve_file(pretrained_model_name_or_path, name, subfolder=subfolder, **hub_kwargs), sharded
@@ -274,7 +296,9 @@ def _summary(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
+def check_state_dict(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint"
+) -> None:
     """Raise one CheckpointError listing missing, unexpected and mis-shaped keys (nothing if they match)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -302,7 +326,9 @@ def check_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Ten
 # -- writing -------------------------------------------------------------------------------------------
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, safe_serialization: bool = True) -> str:
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, safe_serialization: bool = True
+) -> str:
     """Write a state dict as safetensors (``{"format": "pt"}`` metadata, like diffusers) or a torch pickle."""
     path = os.fspath(path)
     # Contiguous CPU copies: safetensors needs contiguous, unshared storage.

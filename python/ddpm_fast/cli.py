@@ -66,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench}", parser_class=_Parser)
 
     s = sub.add_parser("sample", help="generate images as PNG files")
-    s.add_argument("--model", default=None,
-                   help="pipeline folder or hub id (default: the shipped ddpm-digits model)")
+    s.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped ddpm-digits model)")
     s.add_argument("--num-images", type=_positive_int("--num-images"), default=16)
     s.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
-    s.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="denoising steps (default: 1000 for ddpm, 50 for ddim)")
+    s.add_argument(
+        "--steps",
+        type=_positive_int("--steps"),
+        default=None,
+        help="denoising steps (default: 1000 for ddpm, 50 for ddim)",
+    )
     s.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument("--seed", type=_non_negative_int("--seed"), default=0)
@@ -80,23 +83,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="samples", help="folder for DIR/000000.png, ... (default: ./samples)")
     s.add_argument("--grid", action="store_true", help="also write DIR/grid.png")
     group = s.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace images, grid and .npz that already exist (nothing is replaced without it)")
-    group.add_argument("--resume", action="store_true",
-                       help="keep existing images (each is decoded: damaged ones are sampled again), sample only "
-                       "the missing ones")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace images, grid and .npz that already exist (nothing is replaced without it)",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep existing images (each is decoded: damaged ones are sampled again), sample only the missing ones",
+    )
     s.add_argument("--backend", choices=("fused", "reference"), default=None, help="implementation (default: fused)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--num-threads", "--threads", dest="num_threads", type=_positive_int("--num-threads"),
-                   default=None, help="torch CPU threads per process (default: torch's choice, which is "
-                   "OMP_NUM_THREADS=1 under torchrun); CPU pixels can depend on it, so keep it fixed across runs")
+    s.add_argument(
+        "--num-threads",
+        "--threads",
+        dest="num_threads",
+        type=_positive_int("--num-threads"),
+        default=None,
+        help="torch CPU threads per process (default: torch's choice, which is "
+        "OMP_NUM_THREADS=1 under torchrun); CPU pixels can depend on it, so keep it fixed across runs",
+    )
     npz = s.add_mutually_exclusive_group()
-    npz.add_argument("--npz", default=None, metavar="PATH",
-                     help="where rank 0 writes all images as one .npz, key arr_0, uint8 NxHxWxC "
-                     "(default: DIR/samples_NxHxWxC.npz)")
+    npz.add_argument(
+        "--npz",
+        default=None,
+        metavar="PATH",
+        help="where rank 0 writes all images as one .npz, key arr_0, uint8 NxHxWxC (default: DIR/samples_NxHxWxC.npz)",
+    )
     npz.add_argument("--no-npz", action="store_true", help="write PNGs only")
-    s.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="under torchrun: how long a rank waits for a missing peer before failing (default: 1800)")
+    s.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for a missing peer before failing (default: 1800)",
+    )
 
     t = sub.add_parser("train", help="train a DDPM on a folder of images or the built-in digits")
     t.add_argument("--data", required=True, help="folder of images, or 'digits' (scikit-learn's 8x8 digits)")
@@ -106,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-out-channels", type=_int_list("--block-out-channels"), default=(32, 64, 64))
     t.add_argument("--layers-per-block", type=_positive_int("--layers-per-block"), default=1)
     t.add_argument("--norm-num-groups", type=_positive_int("--norm-num-groups"), default=8)
-    t.add_argument("--attention-levels", type=_int_list("--attention-levels"), default=(1,),
-                   help="UNet levels (0 = full resolution) with attention blocks; '' for none")
+    t.add_argument(
+        "--attention-levels",
+        type=_int_list("--attention-levels"),
+        default=(1,),
+        help="UNet levels (0 = full resolution) with attention blocks; '' for none",
+    )
     t.add_argument("--num-train-timesteps", type=_positive_int("--num-train-timesteps"), default=1000)
     t.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"), default="linear")
     t.add_argument("--max-steps", type=_positive_int("--max-steps"), default=2000)
@@ -122,11 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoints-total-limit", type=_positive_int("--checkpoints-total-limit"), default=2)
     t.add_argument("--log-every", type=_positive_int("--log-every"), default=10)
     t.add_argument("--device", default="cpu")
-    t.add_argument("--num-threads", type=_positive_int("--num-threads"), default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    t.add_argument(
+        "--num-threads",
+        type=_positive_int("--num-threads"),
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="under torchrun: how long a rank waits for a missing peer before failing (default: 1800)")
+    t.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for a missing peer before failing (default: 1800)",
+    )
 
     sub.add_parser("bench", help="benchmarks (all arguments go to python -m ddpm_fast.bench)", add_help=False)
     return parser
@@ -167,9 +202,20 @@ def _sample(args: argparse.Namespace, dist) -> int:
 
     from . import DDIMScheduler, DDPMPipeline
     from .fast_path import backend as use_backend
-    from .sampling import (GRID_NAME, batch_indices, damaged_images, image_path, load_png, make_grid,
-                           pending_batches, prepare_output_dir, remove_stale_temp_files, sample_sharded,
-                           write_npz, write_png_atomic)
+    from .sampling import (
+        GRID_NAME,
+        batch_indices,
+        damaged_images,
+        image_path,
+        load_png,
+        make_grid,
+        pending_batches,
+        prepare_output_dir,
+        remove_stale_temp_files,
+        sample_sharded,
+        write_npz,
+        write_png_atomic,
+    )
     from .weights import shipped_model_path
 
     steps = args.steps if args.steps is not None else (1000 if args.scheduler == "ddpm" else 50)
@@ -201,20 +247,25 @@ def _sample(args: argparse.Namespace, dist) -> int:
 
             token = f".ddpm-fast-shared-{uuid.uuid4().hex}"  # not from torch's RNG: sampling leaves that alone
             (Path(args.output) / token).write_text("")
-        batches = pending_batches(args.num_images, args.batch_size, args.output) if args.resume else \
-            batch_indices(args.num_images, args.batch_size)
+        batches = (
+            pending_batches(args.num_images, args.batch_size, args.output)
+            if args.resume
+            else batch_indices(args.num_images, args.batch_size)
+        )
         return batches, token, damaged
 
     batches, token, damaged = dist.broadcast(dist.run("preparing --output", plan))
     if damaged and dist.is_main:
         print(f"{PROG}: --resume: {_damaged_summary(args.output, damaged)}", file=sys.stderr)
     if token is not None:
+
         def shared_check():
             if not (Path(args.output) / token).exists():
                 raise FileNotFoundError(
                     f"--output {args.output!r} on this machine is not the folder rank 0 prepared: under torchrun "
                     "on several machines it must be one shared folder (NFS or similar)"
                 )
+
         try:
             dist.run("checking that --output is shared", shared_check)
         finally:
@@ -239,7 +290,8 @@ def _sample(args: argparse.Namespace, dist) -> int:
     pipe = dist.run("loading the model", load)
     # Rank 0 writes the .npz; where and whether it may replace a file is settled before any sampling.
     npz_path, npz_replace = dist.run(
-        "checking the .npz path", lambda: _npz_target(args, pipe) if dist.is_main else (None, False))
+        "checking the .npz path", lambda: _npz_target(args, pipe) if dist.is_main else (None, False)
+    )
 
     n_todo = sum(len(b) for b in batches)
     bar = None
@@ -254,8 +306,17 @@ def _sample(args: argparse.Namespace, dist) -> int:
     try:
         with ctx, torch.inference_mode():
             # Without --overwrite an image file that appears meanwhile (another job on the folder) is not replaced.
-            sample_sharded(pipe, batches, args.seed, steps, dist, out_dir=args.output, skip_existing=args.resume,
-                           progress=bar.update if bar is not None else None, replace=args.overwrite)
+            sample_sharded(
+                pipe,
+                batches,
+                args.seed,
+                steps,
+                dist,
+                out_dir=args.output,
+                skip_existing=args.resume,
+                progress=bar.update if bar is not None else None,
+                replace=args.overwrite,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -271,8 +332,9 @@ def _sample(args: argparse.Namespace, dist) -> int:
         if args.grid:
             images = [load_png(image_path(args.output, i)) for i in range(args.num_images)]
             grid = make_grid(images, scale=max(1, 128 // max(images[0].shape[:2])))
-            write_png_atomic(np.asarray(grid), os.path.join(args.output, GRID_NAME),
-                             replace=args.overwrite or args.resume)
+            write_png_atomic(
+                np.asarray(grid), os.path.join(args.output, GRID_NAME), replace=args.overwrite or args.resume
+            )
             written.append(GRID_NAME)
         return written
 
@@ -280,8 +342,11 @@ def _sample(args: argparse.Namespace, dist) -> int:
     if dist.is_main:
         ranks = f" on {dist.world_size} ranks" if dist.enabled else ""
         extra = f" and {', '.join(written)}" if written else ""
-        print(f"wrote {n_todo} image(s) to {args.output}{extra}{ranks} "
-              f"({torch.get_num_threads()} CPU thread(s) per process)", file=sys.stderr)
+        print(
+            f"wrote {n_todo} image(s) to {args.output}{extra}{ranks} "
+            f"({torch.get_num_threads()} CPU thread(s) per process)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -290,7 +355,7 @@ def _damaged_summary(out_dir: str, damaged: list[tuple[int, str]], limit: int = 
 
     names = [f"{image_path(out_dir, i).name} ({reason})" for i, reason in damaged[:limit]]
     more = f" and {len(damaged) - limit} more" if len(damaged) > limit else ""
-    return (f"{len(damaged)} damaged image(s) in {out_dir} will be sampled again: {', '.join(names)}{more}")
+    return f"{len(damaged)} damaged image(s) in {out_dir} will be sampled again: {', '.join(names)}{more}"
 
 
 def _check_grid_target(args: argparse.Namespace) -> None:
@@ -303,8 +368,9 @@ def _check_grid_target(args: argparse.Namespace) -> None:
     if path.is_dir():
         raise CLIError(f"{path} is a folder; --grid writes the grid there")
     if os.path.lexists(path) and not (args.overwrite or args.resume):
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it (or --resume if it is this "
-                              "run's grid)")
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite to replace it (or --resume if it is this run's grid)"
+        )
 
 
 def _npz_target(args: argparse.Namespace, pipe) -> tuple[Path | None, bool]:

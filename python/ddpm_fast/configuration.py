@@ -85,10 +85,21 @@ class LoadedConfig(dict):
 # integers are numbers. Values: the field names below are diffusers' config names; a class is checked only on
 # the fields its constructor takes.
 
-_POSITIVE_FIELDS = frozenset({
-    "sample_size", "in_channels", "out_channels", "time_embedding_dim", "block_out_channels", "layers_per_block",
-    "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "num_class_embeds", "num_train_timesteps",
-})
+_POSITIVE_FIELDS = frozenset(
+    {
+        "sample_size",
+        "in_channels",
+        "out_channels",
+        "time_embedding_dim",
+        "block_out_channels",
+        "layers_per_block",
+        "attention_head_dim",
+        "norm_num_groups",
+        "attn_norm_num_groups",
+        "num_class_embeds",
+        "num_train_timesteps",
+    }
+)
 _NON_NEGATIVE_FIELDS = frozenset({"downsample_padding", "steps_offset", "norm_eps"})
 _UNIT_INTERVAL_FIELDS = frozenset({"dropout"})
 _NON_EMPTY_FIELDS = frozenset({"block_out_channels", "down_block_types", "up_block_types"})
@@ -128,16 +139,19 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
-_NOUNS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings")}
+_NOUNS = {
+    bool: ("true or false", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
 
 
 def _describe(hint: Any, plural: bool = False) -> str:
     """``int | tuple[int, int] | None`` -> ``an integer, a list of 2 integers or null``."""
     origin = typing.get_origin(hint)
     if origin is typing.Union or origin is types.UnionType:
-        parts = [_describe(a) for a in typing.get_args(hint)
-                 if not (isinstance(a, type) and a.__module__ == "numpy")]
+        parts = [_describe(a) for a in typing.get_args(hint) if not (isinstance(a, type) and a.__module__ == "numpy")]
         parts = list(dict.fromkeys(parts))
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
     if hint is None or hint is type(None):
@@ -316,7 +330,9 @@ class ConfigMixin:
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
-    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> dict:
+    def load_config(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs
+    ) -> dict:
         """Read ``config_name`` from a file, a local folder (optionally ``subfolder``) or a hub id."""
         path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
         config = LoadedConfig(read_json_object(path))
@@ -345,8 +361,9 @@ class ConfigMixin:
         """
         defaults = config.get("_use_default_values", [])
         if not isinstance(defaults, list) or not all(isinstance(k, str) for k in defaults):
-            raise ValueError(f"{source}: field '_use_default_values' must be a list of field names, got "
-                             f"{_json_kind(defaults)}")
+            raise ValueError(
+                f"{source}: field '_use_default_values' must be a list of field names, got {_json_kind(defaults)}"
+            )
         hints = cls._config_hints()
         for key in sorted(cls._init_keys()):
             if key not in config or key in defaults or key in overridden:

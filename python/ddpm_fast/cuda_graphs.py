@@ -74,7 +74,8 @@ class DenoiseStepGraph:
         self.shape = tuple(sample_like.shape)
         self.memory_format = (
             torch.channels_last
-            if sample_like.dim() == 4 and sample_like.is_contiguous(memory_format=torch.channels_last)
+            if sample_like.dim() == 4
+            and sample_like.is_contiguous(memory_format=torch.channels_last)
             and not sample_like.is_contiguous()
             else torch.contiguous_format
         )
@@ -130,7 +131,9 @@ class DenoiseStepGraph:
         if n > self.table_size:
             raise ValueError(f"{n} steps do not fit a table of {self.table_size}")
         if tuple(image.shape) != self.shape or image.dtype != self.dtype:
-            raise ValueError(f"image {tuple(image.shape)} {image.dtype} does not match the graph's {self.shape} {self.dtype}")
+            raise ValueError(
+                f"image {tuple(image.shape)} {image.dtype} does not match the graph's {self.shape} {self.dtype}"
+            )
         if plan.clip != self.clip:
             raise ValueError("the plan's clip range differs from the captured one")
         pin = self.device.type == "cuda"
@@ -204,7 +207,12 @@ class GraphCache:
 
     def get(self, unet: torch.nn.Module, image: torch.Tensor, plan, table_size: int) -> DenoiseStepGraph | None:
         key = (
-            id(unet), tuple(image.shape), image.dtype, str(image.device), plan.clip, table_size,
+            id(unet),
+            tuple(image.shape),
+            image.dtype,
+            str(image.device),
+            plan.clip,
+            table_size,
             image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous(),
         )
         # A graph bakes in parameter addresses and the prepared copies made while capturing: after any change to

@@ -51,9 +51,7 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
         raise ValueError(f"--data {str(root)!r} is not a folder (pass a folder of images or 'digits')")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(
-            f"--data folder {str(root)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise ValueError(f"--data folder {str(root)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 

@@ -160,9 +160,7 @@ def resolve_device(name: str | None, local_rank: int = 0, distributed: bool = Fa
             raise ValueError("--device cuda: no CUDA device is available")
         if distributed:
             if device.index is not None:
-                raise ValueError(
-                    f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda"
-                )
+                raise ValueError(f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
             count = torch.cuda.device_count()
             if local_rank >= count:
                 raise ValueError(
@@ -198,8 +196,12 @@ def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEO
         torch.cuda.set_device(dev)
         kwargs["device_id"] = dev  # binds the communicator to this rank's GPU from the start
     torch.distributed.init_process_group(
-        backend=backend, init_method="env://", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+        backend=backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
     )
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=dev, enabled=True)
 

@@ -46,8 +46,20 @@ from dataclasses import dataclass, replace
 import torch
 
 __all__ = [
-    "BACKENDS", "WINOGRAD_TILES", "Policy", "backend", "current", "fused_backend", "fused_step", "get_backend",
-    "prepared_weights_allowed", "record_paths", "set_backend", "set_winograd", "use_fused", "winograd",
+    "BACKENDS",
+    "WINOGRAD_TILES",
+    "Policy",
+    "backend",
+    "current",
+    "fused_backend",
+    "fused_step",
+    "get_backend",
+    "prepared_weights_allowed",
+    "record_paths",
+    "set_backend",
+    "set_winograd",
+    "use_fused",
+    "winograd",
 ]
 
 BACKENDS = ("fused", "reference")
@@ -74,7 +86,9 @@ def _check_backend(name: object, where: str) -> str:
 
 def _check_winograd(max_tile: object, where: str) -> int:
     if isinstance(max_tile, bool) or max_tile not in WINOGRAD_TILES:
-        raise ValueError(f"{where} must be one of {WINOGRAD_TILES} (largest Winograd tile; 0 turns it off), got {max_tile!r}")
+        raise ValueError(
+            f"{where} must be one of {WINOGRAD_TILES} (largest Winograd tile; 0 turns it off), got {max_tile!r}"
+        )
     return int(max_tile)  # type: ignore[arg-type]
 
 

@@ -9,7 +9,6 @@ kernels registered here let ``torch.compile(fullgraph=True)`` trace the native o
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -18,8 +17,14 @@ import torch.nn.functional as F
 from . import _native
 
 __all__ = [
-    "ArgumentError", "attention", "conv3x3_winograd", "group_norm_silu", "native_available", "scheduler_step",
-    "scheduler_step_table", "winograd_weight",
+    "ArgumentError",
+    "attention",
+    "conv3x3_winograd",
+    "group_norm_silu",
+    "native_available",
+    "scheduler_step",
+    "scheduler_step_table",
+    "winograd_weight",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,7 +83,7 @@ def _refused(op: str, exc: RuntimeError) -> ArgumentError | None:
     at = message.find(f"{op}: ")
     if at < 0 and not message.startswith(f"{op} ("):
         return None
-    return ArgumentError(message[max(at, 0):].splitlines()[0])
+    return ArgumentError(message[max(at, 0) :].splitlines()[0])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -143,7 +148,8 @@ def _attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     if q.device.type == "cuda":
         head_dim = max(q.shape[-1], v.shape[-1])
         return (
-            q.dtype == torch.float32 and head_dim <= _native.limits()["cuda_attention_max_head_dim"]
+            q.dtype == torch.float32
+            and head_dim <= _native.limits()["cuda_attention_max_head_dim"]
             and q.numel() // max(q.shape[-1], 1) * k.shape[-2] * head_dim <= CUDA_ATTENTION_MAX_WORK
         )
     return True
@@ -267,12 +273,28 @@ _WINOGRAD = {
         ((1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, -1.0)),
     ),
     4: (
-        ((4.0, 0.0, -5.0, 0.0, 1.0, 0.0), (0.0, -4.0, -4.0, 1.0, 1.0, 0.0), (0.0, 4.0, -4.0, -1.0, 1.0, 0.0),
-         (0.0, -2.0, -1.0, 2.0, 1.0, 0.0), (0.0, 2.0, -1.0, -2.0, 1.0, 0.0), (0.0, 4.0, 0.0, -5.0, 0.0, 1.0)),
-        ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
-         (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
-        ((1.0, 1.0, 1.0, 1.0, 1.0, 0.0), (0.0, 1.0, -1.0, 2.0, -2.0, 0.0), (0.0, 1.0, 1.0, 4.0, 4.0, 0.0),
-         (0.0, 1.0, -1.0, 8.0, -8.0, 1.0)),
+        (
+            (4.0, 0.0, -5.0, 0.0, 1.0, 0.0),
+            (0.0, -4.0, -4.0, 1.0, 1.0, 0.0),
+            (0.0, 4.0, -4.0, -1.0, 1.0, 0.0),
+            (0.0, -2.0, -1.0, 2.0, 1.0, 0.0),
+            (0.0, 2.0, -1.0, -2.0, 1.0, 0.0),
+            (0.0, 4.0, 0.0, -5.0, 0.0, 1.0),
+        ),
+        (
+            (1 / 4, 0.0, 0.0),
+            (-1 / 6, -1 / 6, -1 / 6),
+            (-1 / 6, 1 / 6, -1 / 6),
+            (1 / 24, 1 / 12, 1 / 6),
+            (1 / 24, -1 / 12, 1 / 6),
+            (0.0, 0.0, 1.0),
+        ),
+        (
+            (1.0, 1.0, 1.0, 1.0, 1.0, 0.0),
+            (0.0, 1.0, -1.0, 2.0, -2.0, 0.0),
+            (0.0, 1.0, 1.0, 4.0, 4.0, 0.0),
+            (0.0, 1.0, -1.0, 8.0, -8.0, 1.0),
+        ),
     ),
 }
 _WINOGRAD_TILE = {16: 2, 36: 4}  # first dimension of a transformed weight -> output tile size
@@ -409,8 +431,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("ddpm_fast::scheduler_step_table")
     def _(model_output, sample, noise, coefs, index, clip_range):
-        _same_device("scheduler_step_table", "sample", sample, model_output=model_output, noise=noise, coefs=coefs,
-                     index=index)
+        _same_device(
+            "scheduler_step_table", "sample", sample, model_output=model_output, noise=noise, coefs=coefs, index=index
+        )
         fmt = _step_layout(model_output, sample, noise)
         return torch.empty_like(sample, memory_format=fmt), torch.empty_like(sample, memory_format=fmt)
 

@@ -1,10 +1,10 @@
 """Sample quality of generated digits, judged by a classifier trained on the real digits.
 
-A scikit-learn classifier (an RBF support-vector machine with calibrated probabilities) is fitted on a stratified train split of
-scikit-learn's 8×8 digits (values in [0, 16]). Generated images (any square size, e.g. the shipped model's 16×16)
-are area-downsampled to 8×8 and rescaled to [0, 16]; held-out real digits take the same road the training data
-and the samples take (bilinear upscale, 8-bit quantisation, area downsample), so real and generated figures are
-comparable. Reported for any set of images:
+A scikit-learn classifier (an RBF support-vector machine with calibrated probabilities) is fitted on a stratified
+train split of scikit-learn's 8×8 digits (values in [0, 16]). Generated images (any square size, e.g. the shipped
+model's 16×16) are area-downsampled to 8×8 and rescaled to [0, 16]; held-out real digits take the same road the
+training data and the samples take (bilinear upscale, 8-bit quantisation, area downsample), so real and generated
+figures are comparable. Reported for any set of images:
 
 - ``mean_confidence``: mean over images of the classifier's top class probability;
 - ``class_fractions``: fraction of images predicted as each digit 0-9;

@@ -172,7 +172,7 @@ def make_grid(images: Sequence[np.ndarray], nrow: int | None = None, padding: in
     for k, a in enumerate(arrs):
         r, col = divmod(k, nrow)
         y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y:y + h, x:x + w] = a
+        grid[y : y + h, x : x + w] = a
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -182,9 +182,7 @@ def make_grid(images: Sequence[np.ndarray], nrow: int | None = None, padding: in
 def sample_batch(pipeline, indices: Sequence[int], seed: int, num_inference_steps: int) -> np.ndarray:
     """Sample the images ``indices`` (one batch) and return them as NHWC uint8."""
     gens = image_generators(seed, indices)
-    out = pipeline(
-        batch_size=len(indices), generator=gens, num_inference_steps=num_inference_steps, output_type="np"
-    )
+    out = pipeline(batch_size=len(indices), generator=gens, num_inference_steps=num_inference_steps, output_type="np")
     images = out.images if hasattr(out, "images") else out[0]
     return to_uint8(images)
 
@@ -231,8 +229,9 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
     except (FileNotFoundError, MemoryError):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ... for bad files
-        raise ValueError(f"{path} cannot be read as an image ({_reason(e)}); delete it, or rerun with --resume "
-                         "to sample it again") from None
+        raise ValueError(
+            f"{path} cannot be read as an image ({_reason(e)}); delete it, or rerun with --resume to sample it again"
+        ) from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -339,8 +338,9 @@ def npz_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype] | No
     return (tuple(shape), dtype) if not fortran else None
 
 
-def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLike | None = None,
-              replace: bool = True) -> Path:
+def write_npz(
+    out_dir: str | os.PathLike, num_images: int, path: str | os.PathLike | None = None, replace: bool = True
+) -> Path:
     """Pack ``out_dir/000000.png ...`` into one ``.npz`` holding ``arr_0``: uint8 ``(N, H, W, C)`` in index order.
 
     This is the layout of guided-diffusion's (ADM) evaluation suite and what ``numpy.load(path)["arr_0"]``
@@ -361,8 +361,11 @@ def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLi
         # np.savez layout: an uncompressed zip member "arr_0.npy" in .npy format 1.0 (zip64 for > 4 GB).
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": shape}
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False,
+                    "shape": shape,
+                }
                 np.lib.format.write_array_header_1_0(f, header)
                 for i in range(num_images):
                     p = image_path(out_dir, i)
@@ -383,8 +386,10 @@ def write_npz(out_dir: str | os.PathLike, num_images: int, path: str | os.PathLi
 
 
 def _missing_message(out_dir, index: int) -> str:
-    return (f"{image_path(out_dir, index)} is missing; when several machines sample, --output must be one "
-            "folder they all share (NFS or similar)")
+    return (
+        f"{image_path(out_dir, index)} is missing; when several machines sample, --output must be one "
+        "folder they all share (NFS or similar)"
+    )
 
 
 def sample_sharded(
@@ -415,8 +420,15 @@ def sample_sharded(
         try:
             if r < len(mine):
                 maybe_inject_failure(dist.rank, r)
-                sample_images(pipeline, [mine[r]], seed, num_inference_steps, out_dir=out_dir,
-                              skip_existing=skip_existing, replace=replace)
+                sample_images(
+                    pipeline,
+                    [mine[r]],
+                    seed,
+                    num_inference_steps,
+                    out_dir=out_dir,
+                    skip_existing=skip_existing,
+                    replace=replace,
+                )
                 done = len(mine[r])
         except Exception:
             dist.check(False, "sampling")

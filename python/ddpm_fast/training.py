@@ -79,8 +79,13 @@ class TrainConfig:
     # Fields that shape the model or the objective; a resume with other values would silently train
     # something else, so it is refused.
     MODEL_FIELDS = (
-        "resolution", "block_out_channels", "layers_per_block", "norm_num_groups", "attention_levels",
-        "num_train_timesteps", "beta_schedule",
+        "resolution",
+        "block_out_channels",
+        "layers_per_block",
+        "norm_num_groups",
+        "attention_levels",
+        "num_train_timesteps",
+        "beta_schedule",
     )
 
     def validate(self) -> None:
@@ -89,8 +94,17 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
-        for name in ("resolution", "max_steps", "batch_size", "layers_per_block", "norm_num_groups",
-                     "num_train_timesteps", "checkpoint_every", "log_every", "checkpoints_total_limit"):
+        for name in (
+            "resolution",
+            "max_steps",
+            "batch_size",
+            "layers_per_block",
+            "norm_num_groups",
+            "num_train_timesteps",
+            "checkpoint_every",
+            "log_every",
+            "checkpoints_total_limit",
+        ):
             positive(name)
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
@@ -107,9 +121,7 @@ class TrainConfig:
             raise ValueError(f"--attention-levels must be in 0..{n - 1}, got {list(self.attention_levels)}")
         factor = 2 ** (n - 1)
         if self.resolution % factor:
-            raise ValueError(
-                f"--resolution {self.resolution} must be divisible by {factor} for {n} UNet levels"
-            )
+            raise ValueError(f"--resolution {self.resolution} must be divisible by {factor} for {n} UNet levels")
         if not self.learning_rate > 0:
             raise ValueError(f"--lr must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -117,7 +129,9 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise ValueError(f"--beta-schedule {self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2")
+            raise ValueError(
+                f"--beta-schedule {self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2"
+            )
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
 
@@ -288,7 +302,9 @@ def _load_resume_state(cfg: TrainConfig, output: Path, channels: int) -> tuple[d
                     f"this run asks for {ours!r} (use another --output to start afresh)"
                 )
         if saved.get("channels_resolved") not in (None, channels):
-            raise ValueError(f"cannot resume from {str(ckpt)!r}: it has {saved['channels_resolved']} channels, the data {channels}")
+            raise ValueError(
+                f"cannot resume from {str(ckpt)!r}: it has {saved['channels_resolved']} channels, the data {channels}"
+            )
         return state, ckpt
     return None, None
 
@@ -297,9 +313,9 @@ def _train(cfg: TrainConfig, dist, device: torch.device) -> Path:
     from torch.nn.parallel import DistributedDataParallel
 
     from . import DDPMScheduler, UNet2DModel
-    from .fast_path import backend as use_backend
     from .data import load_training_data
     from .distributed import maybe_inject_failure
+    from .fast_path import backend as use_backend
 
     output = Path(cfg.output)
     main = dist.is_main
@@ -430,8 +446,15 @@ def _train(cfg: TrainConfig, dist, device: torch.device) -> Path:
                     bar.update(1)
                     bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                    dist.run(f"writing checkpoint-{step}", lambda: main and _atomic_checkpoint(
-                        output, step, ema, scheduler, make_state(step, elapsed), cfg.checkpoints_total_limit))
+                    dist.run(
+                        f"writing checkpoint-{step}",
+                        lambda: (
+                            main
+                            and _atomic_checkpoint(
+                                output, step, ema, scheduler, make_state(step, elapsed), cfg.checkpoints_total_limit
+                            )
+                        ),
+                    )
     finally:
         if csv_file is not None:
             csv_file.close()

@@ -34,39 +34,84 @@ SCHEMA = "ddpm_fast.bench/1"
 ARCHS: dict[str, dict[str, Any]] = {
     "cifar10-32": {
         "unet": {
-            "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+            "act_fn": "silu",
+            "attention_head_dim": None,
+            "block_out_channels": [128, 256, 256, 256],
             "center_input_sample": False,
             "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-            "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
-            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
-            "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+            "downsample_padding": 0,
+            "flip_sin_to_cos": False,
+            "freq_shift": 1,
+            "in_channels": 3,
+            "layers_per_block": 2,
+            "mid_block_scale_factor": 1,
+            "norm_eps": 1e-06,
+            "norm_num_groups": 32,
+            "out_channels": 3,
+            "sample_size": 32,
+            "time_embedding_type": "positional",
             "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
         },
-        "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True,
-                      "variance_type": "fixed_large"},
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "linear",
+            "clip_sample": True,
+            "variance_type": "fixed_large",
+        },
     },
     "256px": {
         "unet": {
-            "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 128, 256, 256, 512, 512],
+            "act_fn": "silu",
+            "attention_head_dim": None,
+            "block_out_channels": [128, 128, 256, 256, 512, 512],
             "center_input_sample": False,
-            "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
-                                 "DownBlock2D"],
-            "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
-            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
-            "out_channels": 3, "sample_size": 256, "time_embedding_type": "positional",
+            "down_block_types": [
+                "DownBlock2D",
+                "DownBlock2D",
+                "DownBlock2D",
+                "DownBlock2D",
+                "AttnDownBlock2D",
+                "DownBlock2D",
+            ],
+            "downsample_padding": 0,
+            "flip_sin_to_cos": False,
+            "freq_shift": 1,
+            "in_channels": 3,
+            "layers_per_block": 2,
+            "mid_block_scale_factor": 1,
+            "norm_eps": 1e-06,
+            "norm_num_groups": 32,
+            "out_channels": 3,
+            "sample_size": 256,
+            "time_embedding_type": "positional",
             "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
         },
-        "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True,
-                      "variance_type": "fixed_small"},
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "linear",
+            "clip_sample": True,
+            "variance_type": "fixed_small",
+        },
     },
     "tiny": {
         "unet": {
-            "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [32, 64],
-            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-            "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "norm_num_groups": 32, "sample_size": 32,
+            "act_fn": "silu",
+            "attention_head_dim": None,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            "in_channels": 3,
+            "out_channels": 3,
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+            "sample_size": 32,
         },
-        "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True,
-                      "variance_type": "fixed_large"},
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "linear",
+            "clip_sample": True,
+            "variance_type": "fixed_large",
+        },
     },
 }
 
@@ -128,11 +173,16 @@ def parse_configs(text: str) -> list[tuple[str, int]]:
 
 def add_common_args(parser: argparse.ArgumentParser, *, rounds: int) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="output JSON (default bench/results/<machine>/<subcommand>.json)")
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="output JSON (default bench/results/<machine>/<subcommand>.json)"
+    )
     parser.add_argument("--rounds", type=int, default=rounds, help=f"interleaved timed rounds, >= 1 (default {rounds})")
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; every engine gets the same "
-                        "count (0: leave torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads; every engine gets the same count (0: leave torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
 
 
@@ -193,8 +243,15 @@ def timed(fn: Callable[[], Any], device: torch.device | str) -> tuple[float, Any
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int, *, device: torch.device | str = "cpu", min_time: float = 0.0,
-    warmup: int = 1, max_reps: int = 1000, timeout: float | None = None, settle: float | None = None,
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    *,
+    device: torch.device | str = "cpu",
+    min_time: float = 0.0,
+    warmup: int = 1,
+    max_reps: int = 1000,
+    timeout: float | None = None,
+    settle: float | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Seconds per call of each function, one figure per round, the functions timed in turn within each round.
 
@@ -267,12 +324,16 @@ def per_round_ratio(numerator: Sequence[float], denominator: Sequence[float]) ->
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
-def variant_stats(samples: Sequence[float], *, ref: Sequence[float] | None = None, ref_name: str = "ddpm_fast",
-                  scale: float = 1e3) -> dict[str, Any]:
+def variant_stats(
+    samples: Sequence[float], *, ref: Sequence[float] | None = None, ref_name: str = "ddpm_fast", scale: float = 1e3
+) -> dict[str, Any]:
     """``ms`` (per round), ``ms_median``, ``ms_min``; with ``ref`` (the reference's per-round seconds) also
     ``speedup_of_<ref_name>`` (this median / the reference's) and ``speedup_of_<ref_name>_per_round``."""
-    out: dict[str, Any] = {"ms": [s * scale for s in samples], "ms_median": median(samples) * scale,
-                           "ms_min": min(samples) * scale}
+    out: dict[str, Any] = {
+        "ms": [s * scale for s in samples],
+        "ms_median": median(samples) * scale,
+        "ms_min": min(samples) * scale,
+    }
     if ref:
         out[f"speedup_of_{ref_name}"] = median(samples) / median(ref)
         out[f"speedup_of_{ref_name}_per_round"] = per_round_ratio(samples, ref)
@@ -360,19 +421,37 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     model, flags = _cpuinfo()
     env: dict[str, Any] = {
-        "time": _dt.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-        "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "cpu_model": model, "cpu_isa": cpu_isa_tag(flags),
+        "time": _dt.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "cpu_isa": cpu_isa_tag(flags),
         "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sve", "asimd"))),
         "torch_cpu_capability": safe(lambda: torch.backends.cpu.get_cpu_capability()),
         "loadavg": safe(lambda: [round(x, 2) for x in os.getloadavg()]),
-        "native_extension": _native.available(), "native_load_error": _native.load_error(),
-        "native_cuda": _native.has_cuda(), "native_cpu_isa": _native.cpu_isa(),
-        "native_cuda_error": _native.cuda_error(), "native_target_torch": _native.target_version(),
+        "native_extension": _native.available(),
+        "native_load_error": _native.load_error(),
+        "native_cuda": _native.has_cuda(),
+        "native_cpu_isa": _native.cpu_isa(),
+        "native_cuda_error": _native.cuda_error(),
+        "native_target_torch": _native.target_version(),
         "versions": {m: _version(m) for m in ("diffusers", "numpy", "onnxruntime", "openvino", "onnx")},
-        "git_commit": safe(lambda: subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent).stdout.strip() or None),
+        "git_commit": safe(
+            lambda: (
+                subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    cwd=Path(__file__).resolve().parent,
+                ).stdout.strip()
+                or None
+            )
+        ),
     }
     if device.type == "cuda":
         env["gpu"] = safe(lambda: torch.cuda.get_device_name(device))
@@ -396,15 +475,21 @@ def output_path(requested: str | None, subcommand: str, device: torch.device | s
     return Path(requested) if requested else results_root() / machine_name(device) / f"{subcommand}.json"
 
 
-def new_report(subcommand: str, argv: Sequence[str] | None, device: torch.device | str, settings: dict[str, Any],
-               notes: str) -> dict[str, Any]:
+def new_report(
+    subcommand: str, argv: Sequence[str] | None, device: torch.device | str, settings: dict[str, Any], notes: str
+) -> dict[str, Any]:
     """The envelope every subcommand writes: schema, command, machine, environment, settings, notes, results."""
     args = list(sys.argv[1:] if argv is None else argv)
     return {
-        "schema": SCHEMA, "subcommand": subcommand,
+        "schema": SCHEMA,
+        "subcommand": subcommand,
         "command": " ".join(["python", "-m", "ddpm_fast.bench", subcommand, *args]),
-        "machine": machine_name(device), "device": str(device), "environment": environment(device),
-        "settings": settings, "notes": notes, "results": [],
+        "machine": machine_name(device),
+        "device": str(device),
+        "environment": environment(device),
+        "settings": settings,
+        "notes": notes,
+        "results": [],
     }
 
 
@@ -444,8 +529,14 @@ def _host_copy(out: Any) -> Any:
 
 
 def compare_variants(
-    candidates: dict[str, Callable[[], Any]], *, rounds: int, device: torch.device | str, timeout: float | None = None,
-    per_call: float = 1.0, ref: str = "ddpm_fast", diff_ref: str | None = "diffusers_eager",
+    candidates: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    device: torch.device | str,
+    timeout: float | None = None,
+    per_call: float = 1.0,
+    ref: str = "ddpm_fast",
+    diff_ref: str | None = "diffusers_eager",
     record: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Time whole variants side by side.
@@ -489,12 +580,16 @@ def compare_variants(
 # (device type, arch, dtype, batch, against, goal): ddpm_fast must be `goal` times faster than `against`;
 # "best_engine" is the faster of ONNX Runtime and OpenVINO.
 TARGETS = [
-    ("cpu", "cifar10-32", "fp32", 1, "diffusers_eager", 2.2), ("cpu", "cifar10-32", "fp32", 1, "best_engine", 1.5),
-    ("cpu", "cifar10-32", "fp32", 16, "diffusers_eager", 2.2), ("cpu", "cifar10-32", "fp32", 16, "best_engine", 1.8),
-    ("cpu", "256px", "fp32", 1, "diffusers_eager", 2.2), ("cpu", "256px", "fp32", 1, "best_engine", 1.6),
+    ("cpu", "cifar10-32", "fp32", 1, "diffusers_eager", 2.2),
+    ("cpu", "cifar10-32", "fp32", 1, "best_engine", 1.5),
+    ("cpu", "cifar10-32", "fp32", 16, "diffusers_eager", 2.2),
+    ("cpu", "cifar10-32", "fp32", 16, "best_engine", 1.8),
+    ("cpu", "256px", "fp32", 1, "diffusers_eager", 2.2),
+    ("cpu", "256px", "fp32", 1, "best_engine", 1.6),
     ("cuda", "256px", "fp16", 8, "diffusers_eager", 1.6),
     ("cuda", "256px", "fp16", 8, "diffusers_compile_max_autotune", 1.1),
-    ("cuda", "cifar10-32", "fp16", 64, "diffusers_eager", 3.0), ("cuda", "cifar10-32", "fp16", 1, "diffusers_eager", 10.0),
+    ("cuda", "cifar10-32", "fp16", 64, "diffusers_eager", 3.0),
+    ("cuda", "cifar10-32", "fp16", 1, "diffusers_eager", 10.0),
 ]
 
 
@@ -517,7 +612,14 @@ def evaluate_targets(rows: Sequence[dict[str, Any]], device: torch.device | str)
             entry = variants.get(name, {})
             measured = entry.get("speedup_of_ddpm_fast")
             per_round = entry.get("speedup_of_ddpm_fast_per_round")
-        out.append({"what": f"{arch} {dt} batch {batch}: ddpm_fast vs {against}" +
-                    (f" ({name})" if name != against else ""), "goal": goal, "measured": measured,
-                    "measured_per_round": per_round, "met": None if measured is None else bool(measured >= goal)})
+        out.append(
+            {
+                "what": f"{arch} {dt} batch {batch}: ddpm_fast vs {against}"
+                + (f" ({name})" if name != against else ""),
+                "goal": goal,
+                "measured": measured,
+                "measured_per_round": per_round,
+                "met": None if measured is None else bool(measured >= goal),
+            }
+        )
     return out

@@ -51,8 +51,14 @@ VARIANTS: dict[str, str] = {
     "ddpm_fast": "ddpm_fast UNet2DModel, eager (fused path)",
     "ddpm_fast_reference": "ddpm_fast UNet2DModel on the reference backend",
 }
-PEERS = ("diffusers_eager", "diffusers_channels_last", "onnxruntime", "openvino", "diffusers_compile",
-         "diffusers_compile_max_autotune")
+PEERS = (
+    "diffusers_eager",
+    "diffusers_channels_last",
+    "onnxruntime",
+    "openvino",
+    "diffusers_compile",
+    "diffusers_compile_max_autotune",
+)
 ENGINE_PEERS = ("onnxruntime", "openvino")  # "the best inference engine" of the targets
 
 
@@ -167,15 +173,24 @@ def _onnxruntime(src: Source) -> Engine:
         raise Skipped(f"onnxruntime not installed ({exc}): pip install onnxruntime onnx onnxscript") from None
     providers = ort.get_available_providers()
     if src.device.type == "cuda" and "CUDAExecutionProvider" not in providers:
-        raise Skipped(f"this onnxruntime has no CUDAExecutionProvider (providers: {providers}); "
-                      "install onnxruntime-gpu to benchmark it on CUDA")
+        raise Skipped(
+            f"this onnxruntime has no CUDAExecutionProvider (providers: {providers}); "
+            "install onnxruntime-gpu to benchmark it on CUDA"
+        )
     wrapper = _SampleOnly(_diffusers_unet(src, dtype=torch.float32, device=torch.device("cpu")))
     path = src.workdir / f"unet_b{src.batch}.onnx"
     t0 = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, src.example(), str(path), dynamo=False, opset_version=17,
-                          input_names=["sample", "timestep"], output_names=["noise"])
+        torch.onnx.export(
+            wrapper,
+            src.example(),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["sample", "timestep"],
+            output_names=["noise"],
+        )
     export_s = time.perf_counter() - t0
     del wrapper
     options = ort.SessionOptions()
@@ -186,9 +201,14 @@ def _onnxruntime(src: Source) -> Engine:
     t0 = time.perf_counter()
     session = ort.InferenceSession(str(path), options, providers=[provider])
     session_s = time.perf_counter() - t0
-    info = {"version": ort.__version__, "provider": provider, "intra_op_threads": options.intra_op_num_threads,
-            "opset": 17}
+    info = {
+        "version": ort.__version__,
+        "provider": provider,
+        "intra_op_threads": options.intra_op_num_threads,
+        "opset": 17,
+    }
     if src.device.type == "cpu":
+
         def forward(x, t):
             out = session.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0]
             return torch.from_numpy(out)
@@ -205,6 +225,7 @@ def _onnxruntime(src: Source) -> Engine:
             torch.cuda.current_stream().synchronize()  # inputs written on torch's stream
             session.run_with_iobinding(binding)
             return out
+
     return Engine("onnxruntime", forward, None, {"export": export_s, "session": session_s}, info)
 
 
@@ -223,8 +244,11 @@ def _openvino(src: Source) -> Engine:
         model = ov.convert_model(wrapper, example_input=src.example())
     convert_s = time.perf_counter() - t0
     del wrapper
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-              "INFERENCE_PRECISION_HINT": "f32"}
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
     t0 = time.perf_counter()
     compiled = ov.Core().compile_model(model, "CPU", config)
     compile_s = time.perf_counter() - t0

@@ -75,13 +75,21 @@ def traced_layers(arch: str) -> dict[str, dict[tuple, int]]:
                     return  # counted with its Attention above
                 variant = "temb" if name.endswith("norm2") else "silu"
                 count("group_norm_silu", (variant, x.shape[1], x.shape[2], x.shape[3], mod.num_groups, mod.eps))
-            elif (isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3) and mod.stride == (1, 1)
-                  and mod.padding == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1):
+            elif (
+                isinstance(mod, torch.nn.Conv2d)
+                and mod.kernel_size == (3, 3)
+                and mod.stride == (1, 1)
+                and mod.padding == (1, 1)
+                and mod.dilation == (1, 1)
+                and mod.groups == 1
+            ):
                 count("conv3x3_winograd", (mod.in_channels, mod.out_channels, x.shape[2], x.shape[3]))
+
         return module.register_forward_pre_hook(pre)
 
-    handles = [hook(n, m) for n, m in unet.named_modules()
-               if isinstance(m, (Attention, torch.nn.GroupNorm, torch.nn.Conv2d))]
+    handles = [
+        hook(n, m) for n, m in unet.named_modules() if isinstance(m, (Attention, torch.nn.GroupNorm, torch.nn.Conv2d))
+    ]
     size = cfg["sample_size"]
     with torch.no_grad(), ddpm_fast.backend("reference"):
         unet(torch.empty(1, cfg["in_channels"], size, size, device="meta"), torch.tensor([10], device="meta"))
@@ -96,8 +104,9 @@ def unet_cases(configs: list[tuple[str, int]], wanted: set[str]) -> list[dict[st
 
     def add(op: str, variant: str, shape: tuple, params: dict, use: str) -> None:
         key = (op, variant, shape, tuple(sorted(params.items())))
-        case = cases.setdefault(key, {"op": op, "variant": variant, "shape": list(shape), "params": params,
-                                      "used_by": []})
+        case = cases.setdefault(
+            key, {"op": op, "variant": variant, "shape": list(shape), "params": params, "used_by": []}
+        )
         case["used_by"].append(use)
 
     traces = {arch: traced_layers(arch) for arch in dict.fromkeys(a for a, _ in configs)}
@@ -128,7 +137,11 @@ def _group_norm_case(case, dtype, device, gen):
     n, c, h, w = case["shape"]
     groups, eps = case["params"]["groups"], case["params"]["eps"]
     x = _randn((n, c, h, w), dtype, device, gen).contiguous(memory_format=torch.channels_last)
-    gamma, beta, temb = _randn((c,), dtype, device, gen), _randn((c,), dtype, device, gen), _randn((n, c), dtype, device, gen)
+    gamma, beta, temb = (
+        _randn((c,), dtype, device, gen),
+        _randn((c,), dtype, device, gen),
+        _randn((n, c), dtype, device, gen),
+    )
     variant = case["variant"]
     if variant == "temb":
         baseline = "F.silu(F.group_norm(x + temb[:, :, None, None]))"
@@ -142,8 +155,11 @@ def _group_norm_case(case, dtype, device, gen):
         baseline = "F.group_norm(x)"
         torch_fn = lambda: F.group_norm(x, groups, gamma, beta, eps)
         fused = lambda: ops.group_norm_silu(x, groups, gamma, beta, eps, silu=False)
-    return {"torch": torch_fn, "fused": fused}, baseline, {"bytes": 2 * x.numel() * x.element_size(),
-                                                          "layout": "channels_last"}
+    return (
+        {"torch": torch_fn, "fused": fused},
+        baseline,
+        {"bytes": 2 * x.numel() * x.element_size(), "layout": "channels_last"},
+    )
 
 
 class _SeesSDPA(TorchFunctionMode):
@@ -178,8 +194,11 @@ def _attention_case(case, dtype, device, gen):
     facts: dict[str, Any] = {"bytes": 4 * b * h * s * d * q.element_size(), "flops": 4.0 * b * h * s * s * d}
     if _routes_to_sdpa(fns["fused"]):
         # ops.attention sends this shape to SDPA (its routing rule); time the kernel itself too, to show why.
-        facts["route"] = "SDPA" + (f" (CPU, fewer than ops.CPU_ATTENTION_MIN_KEYS={ops.CPU_ATTENTION_MIN_KEYS} keys)"
-                                   if device.type == "cpu" and s < ops.CPU_ATTENTION_MIN_KEYS else "")
+        facts["route"] = "SDPA" + (
+            f" (CPU, fewer than ops.CPU_ATTENTION_MIN_KEYS={ops.CPU_ATTENTION_MIN_KEYS} keys)"
+            if device.type == "cpu" and s < ops.CPU_ATTENTION_MIN_KEYS
+            else ""
+        )
         fns["kernel"] = lambda: torch.ops.ddpm_fast.attention.default(q, k, v, None)
     return fns, "F.scaled_dot_product_attention", facts
 
@@ -253,13 +272,22 @@ def _conv_case(case, dtype, device, gen):
         "F4": lambda: ops.conv3x3_winograd(x, u[4], b, residual=res),
         "packed oneDNN": packed,
     }
-    facts = {"bytes": (x.numel() + 2 * res.numel()) * 4, "direct_flops": 2.0 * n * c * o * 9 * h * w,
-             "layer_path": choice, "paths": {"packed oneDNN": sorted(p for p in paths if p.startswith("conv:"))}}
+    facts = {
+        "bytes": (x.numel() + 2 * res.numel()) * 4,
+        "direct_flops": 2.0 * n * c * o * 9 * h * w,
+        "layer_path": choice,
+        "paths": {"packed oneDNN": sorted(p for p in paths if p.startswith("conv:"))},
+    }
     return fns, "F.conv2d(x, w, b, padding=1) + residual", facts
 
 
-BUILDERS = {"group_norm_silu": _group_norm_case, "attention": _attention_case, "scheduler_step": _scheduler_cases,
-            "scheduler_step_table": _scheduler_cases, "conv3x3_winograd": _conv_case}
+BUILDERS = {
+    "group_norm_silu": _group_norm_case,
+    "attention": _attention_case,
+    "scheduler_step": _scheduler_cases,
+    "scheduler_step_table": _scheduler_cases,
+    "conv3x3_winograd": _conv_case,
+}
 
 
 def op_skip_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -267,7 +295,9 @@ def op_skip_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | N
     if not _native.available():
         return f"native extension unavailable: {_native.load_error()}"
     if device.type == "cuda" and not _native.has_cuda():
-        return f"ddpm_fast's CUDA kernels are not loaded (ddpm_fast._native.has_cuda() is False: {_native.cuda_error()})"
+        return (
+            f"ddpm_fast's CUDA kernels are not loaded (ddpm_fast._native.has_cuda() is False: {_native.cuda_error()})"
+        )
     if not hasattr(torch.ops.ddpm_fast, op):
         return f"torch.ops.ddpm_fast.{op} is not in this build of the extension"
     if op == "conv3x3_winograd" and device.type != "cpu":
@@ -277,11 +307,17 @@ def op_skip_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | N
     return None
 
 
-def bench_case(case: dict[str, Any], dtype: torch.dtype, device: torch.device, rounds: int, min_time: float,
-               seed: int) -> list[dict[str, Any]]:
+def bench_case(
+    case: dict[str, Any], dtype: torch.dtype, device: torch.device, rounds: int, min_time: float, seed: int
+) -> list[dict[str, Any]]:
     gen = torch.Generator(device).manual_seed(seed)
-    base = {"op": case["op"], "variant": case["variant"], "shape": case["shape"], "dtype": common.dtype_name(dtype),
-            "used_by": case["used_by"]}
+    base = {
+        "op": case["op"],
+        "variant": case["variant"],
+        "shape": case["shape"],
+        "dtype": common.dtype_name(dtype),
+        "used_by": case["used_by"],
+    }
     fns, baseline, facts = BUILDERS[case["op"]](case, dtype, device, gen)
     with torch.inference_mode():
         outputs = {name: fns[name]() for name in ("torch", "fused", "F2", "F4") if name in fns}
@@ -301,13 +337,18 @@ def bench_case(case: dict[str, Any], dtype: torch.dtype, device: torch.device, r
             rows.append(row)
             continue
         t_torch, t_fused = common.median(samples["torch"]), common.median(samples[fused])
-        row.update({
-            "torch_ms": t_torch * 1e3, "fused_ms": t_fused * 1e3, "speedup": t_torch / t_fused,
-            "speedup_per_round": common.per_round_ratio(samples["torch"], samples[fused]),
-            "max_abs_diff": common.max_abs_diff(outputs[fused], outputs["torch"]),
-            "fused_GBps": facts["bytes"] / t_fused / 1e9,
-            "torch_ms_rounds": [s * 1e3 for s in samples["torch"]], "fused_ms_rounds": [s * 1e3 for s in samples[fused]],
-        })
+        row.update(
+            {
+                "torch_ms": t_torch * 1e3,
+                "fused_ms": t_fused * 1e3,
+                "speedup": t_torch / t_fused,
+                "speedup_per_round": common.per_round_ratio(samples["torch"], samples[fused]),
+                "max_abs_diff": common.max_abs_diff(outputs[fused], outputs["torch"]),
+                "fused_GBps": facts["bytes"] / t_fused / 1e9,
+                "torch_ms_rounds": [s * 1e3 for s in samples["torch"]],
+                "fused_ms_rounds": [s * 1e3 for s in samples[fused]],
+            }
+        )
         if "flops" in facts:
             row["fused_GFLOPs"] = facts["flops"] / t_fused / 1e9
             row["torch_GFLOPs"] = facts["flops"] / t_torch / 1e9
@@ -318,8 +359,10 @@ def bench_case(case: dict[str, Any], dtype: torch.dtype, device: torch.device, r
             if name in ("torch", "fused", "F2", "F4"):
                 continue
             if name in samples:
-                others[name] = {"ms": common.median(samples[name]) * 1e3,
-                                "speedup_of_fused": common.median(samples[name]) / t_fused}
+                others[name] = {
+                    "ms": common.median(samples[name]) * 1e3,
+                    "speedup_of_fused": common.median(samples[name]) / t_fused,
+                }
                 if name in facts.get("paths", {}):
                     others[name]["paths"] = facts["paths"][name]
             else:
@@ -344,16 +387,21 @@ def _print_row(row: dict[str, Any], copy_gbps: float) -> None:
     if "error" in row:
         print(f"{head} ERROR {row['error'][:160]}", flush=True)
         return
-    line = (f"{head} {row['torch_ms']:9.4f} {row['fused_ms']:9.4f} {row['speedup']:6.2f}x "
-            f"({row['speedup_per_round']:5.2f}x) {row['fused_GBps']:7.1f} {100 * row['fused_GBps'] / copy_gbps:5.0f}% "
-            f"{row['max_abs_diff']:8.1e}")
+    line = (
+        f"{head} {row['torch_ms']:9.4f} {row['fused_ms']:9.4f} {row['speedup']:6.2f}x "
+        f"({row['speedup_per_round']:5.2f}x) {row['fused_GBps']:7.1f} {100 * row['fused_GBps'] / copy_gbps:5.0f}% "
+        f"{row['max_abs_diff']:8.1e}"
+    )
     if "fused_GFLOPs" in row:
         line += f"  {row['fused_GFLOPs']:.0f} vs {row['torch_GFLOPs']:.0f} GFLOP/s"
     if "fused_equiv_GFLOPs" in row:
         line += f"  {row['fused_equiv_GFLOPs']:.0f} direct-GFLOP/s, layer takes {row['layer_path']}"
     for name, other in row.get("others", {}).items():
-        line += f"  | {name} " + (f"{other['ms']:.4f} ms ({other['speedup_of_fused']:.2f}x fused)" if "ms" in other
-                                 else f"ERROR {other['error'][:60]}")
+        line += f"  | {name} " + (
+            f"{other['ms']:.4f} ms ({other['speedup_of_fused']:.2f}x fused)"
+            if "ms" in other
+            else f"ERROR {other['error'][:60]}"
+        )
     if "route" in row:
         line += f"  [wrapper routes to {row['route']}]"
     print(line, flush=True)
@@ -362,15 +410,25 @@ def _print_row(row: dict[str, Any], copy_gbps: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.bench kernels", description=__doc__.split("\n\n")[0])
     common.add_common_args(p, rounds=7)
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp16,bf16,fp32)")
+    p.add_argument(
+        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp16,bf16,fp32)"
+    )
     p.add_argument("--ops", default=",".join(OPS), help=f"comma subset of {','.join(OPS)}")
-    p.add_argument("--configs", default=None, metavar="ARCH:BATCH,...",
-                   help="UNet forwards whose shapes are timed (default " +
-                        ",".join(f"{a}:{b}" for a, b in DEFAULT_CONFIGS) + ")")
-    p.add_argument("--quick", action="store_true",
-                   help="batch 1 only (" + ",".join(f"{a}:{b}" for a, b in QUICK_CONFIGS) + ")")
-    p.add_argument("--min-time", type=float, default=0.02,
-                   help="seconds each candidate runs per round (calls are repeated to fill it; default 0.02)")
+    p.add_argument(
+        "--configs",
+        default=None,
+        metavar="ARCH:BATCH,...",
+        help="UNet forwards whose shapes are timed (default " + ",".join(f"{a}:{b}" for a, b in DEFAULT_CONFIGS) + ")",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="batch 1 only (" + ",".join(f"{a}:{b}" for a, b in QUICK_CONFIGS) + ")"
+    )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.02,
+        help="seconds each candidate runs per round (calls are repeated to fill it; default 0.02)",
+    )
     p.add_argument("--budget", type=float, default=None, help="stop starting new rows after this many seconds")
     return p
 
@@ -380,22 +438,41 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = common.setup_device(p, args)
     try:
-        dtypes = common.comma_list(args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32"),
-                                   choices=list(common.DTYPES))
+        dtypes = common.comma_list(
+            args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32"), choices=list(common.DTYPES)
+        )
         wanted = common.comma_list(args.ops, choices=OPS)
-        configs = common.parse_configs(args.configs) if args.configs else (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+        configs = (
+            common.parse_configs(args.configs) if args.configs else (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+        )
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
     out_path = common.output_path(args.json, "kernels", device)
-    report = common.new_report("kernels", argv, device, {
-        "dtypes": dtypes, "ops": wanted, "configs": [f"{a}:{b}" for a, b in configs], "rounds": args.rounds,
-        "min_time": args.min_time, "layout": "channels_last activations"}, NOTES)
+    report = common.new_report(
+        "kernels",
+        argv,
+        device,
+        {
+            "dtypes": dtypes,
+            "ops": wanted,
+            "configs": [f"{a}:{b}" for a, b in configs],
+            "rounds": args.rounds,
+            "min_time": args.min_time,
+            "layout": "channels_last activations",
+        },
+        NOTES,
+    )
     report["copy_GBps"] = copy_bandwidth(device, args.rounds)
     report["skipped"] = []
-    print(f"# {report['machine']}: torch {torch.__version__}, {torch.get_num_threads()} threads, native="
-          f"{_native.available()} (cpu {_native.cpu_isa()}, cuda {_native.has_cuda()}); copy {report['copy_GBps']:.1f} GB/s")
-    print(f"{'op':20} {'shape':18} {'type':4} {'variant':17} {'torch ms':>9} {'fused ms':>9} {'speedup':>7} "
-          f"{'(round)':>8} {'GB/s':>7} {'%copy':>6} {'max|d|':>8}")
+    print(
+        f"# {report['machine']}: torch {torch.__version__}, {torch.get_num_threads()} threads, native="
+        f"{_native.available()} (cpu {_native.cpu_isa()}, cuda {_native.has_cuda()}); "
+        f"copy {report['copy_GBps']:.1f} GB/s"
+    )
+    print(
+        f"{'op':20} {'shape':18} {'type':4} {'variant':17} {'torch ms':>9} {'fused ms':>9} {'speedup':>7} "
+        f"{'(round)':>8} {'GB/s':>7} {'%copy':>6} {'max|d|':>8}"
+    )
     cases = unet_cases(configs, set(wanted))
     deadline = common.Deadline(args.budget)
     start = time.time()
@@ -414,14 +491,29 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if deadline.expired():
                 budget_left_out += 1
-                report["skipped"].append({"op": case["op"], "shape": case["shape"], "dtype": dtype_name,
-                                          "variant": case["variant"], "reason": "--budget reached"})
+                report["skipped"].append(
+                    {
+                        "op": case["op"],
+                        "shape": case["shape"],
+                        "dtype": dtype_name,
+                        "variant": case["variant"],
+                        "reason": "--budget reached",
+                    }
+                )
                 continue
             try:
                 rows = bench_case(case, dtype, device, args.rounds, args.min_time, args.seed)
             except Exception as exc:  # one broken case must not hide the others
-                rows = [{"op": case["op"], "variant": case["variant"], "shape": case["shape"], "dtype": dtype_name,
-                         "used_by": case["used_by"], "error": f"{type(exc).__name__}: {exc}"[:2000]}]
+                rows = [
+                    {
+                        "op": case["op"],
+                        "variant": case["variant"],
+                        "shape": case["shape"],
+                        "dtype": dtype_name,
+                        "used_by": case["used_by"],
+                        "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    }
+                ]
             for row in rows:
                 report["results"].append(row)
                 _print_row(row, report["copy_GBps"])

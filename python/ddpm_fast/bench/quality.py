@@ -19,15 +19,18 @@ import torch
 
 from . import common
 
-NOTES = ("mean_confidence: mean top-class probability of the digit classifier; balance: entropy of the predicted "
-         "class fractions / log(10); real_held_out and uniform_noise are the two ends of the scale.")
+NOTES = (
+    "mean_confidence: mean top-class probability of the digit classifier; balance: entropy of the predicted "
+    "class fractions / log(10); real_held_out and uniform_noise are the two ends of the scale."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="output JSON (default bench/results/<machine>/quality.json)")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="output JSON (default bench/results/<machine>/quality.json)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped ddpm-digits)")
@@ -65,10 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     resolution = pipe.unet.config.sample_size
 
     out_path = common.output_path(args.json, "quality", device)
-    report = common.new_report("quality", argv, device, {
-        "model": "shipped ddpm-digits" if args.model is None else model, "num_images": args.num_images,
-        "batch_size": args.batch_size, "seed": args.seed, "schedules": [f"{n}:{s}" for n, s in schedules],
-        "backend": ddpm_fast.get_backend()}, NOTES)
+    report = common.new_report(
+        "quality",
+        argv,
+        device,
+        {
+            "model": "shipped ddpm-digits" if args.model is None else model,
+            "num_images": args.num_images,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "schedules": [f"{n}:{s}" for n, s in schedules],
+            "backend": ddpm_fast.get_backend(),
+        },
+        NOTES,
+    )
     report["classifier_held_out_accuracy"] = held_out_accuracy()
     report["references"] = reference_reports(resolution=resolution)
     for name, steps in schedules:
@@ -81,15 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         stack = np.stack([images[i] for i in range(args.num_images)])
         row = {"schedule": f"{name}-{steps}", **quality_report(stack), "wall_s": round(wall, 2)}
         report["results"].append(row)
-        print(f"{name}-{steps}: confidence {row['mean_confidence']:.3f}, balance {row['balance']:.3f}, "
-              f"min class {row['min_class_fraction']:.3f} ({wall:.1f} s)", flush=True)
+        print(
+            f"{name}-{steps}: confidence {row['mean_confidence']:.3f}, balance {row['balance']:.3f}, "
+            f"min class {row['min_class_fraction']:.3f} ({wall:.1f} s)",
+            flush=True,
+        )
         if args.grid_dir:
             Path(args.grid_dir).mkdir(parents=True, exist_ok=True)
             make_grid(list(stack[:100]), nrow=10, scale=4).save(Path(args.grid_dir) / f"grid-{name}-{steps}.png")
         common.write_json(out_path, report)
     for ref, r in report["references"].items():
-        print(f"{ref}: confidence {r['mean_confidence']:.3f}, balance {r['balance']:.3f}, "
-              f"min class {r['min_class_fraction']:.3f}")
+        print(
+            f"{ref}: confidence {r['mean_confidence']:.3f}, balance {r['balance']:.3f}, "
+            f"min class {r['min_class_fraction']:.3f}"
+        )
     common.write_json(out_path, report)
     print(f"# wrote {out_path}")
     return 0

@@ -25,10 +25,25 @@ import torch
 from . import common, engines, unet
 
 VARIANTS = {**engines.VARIANTS, "ddpm_fast_nograph": "ddpm_fast's pipeline with CUDA graphs off"}
-CPU_VARIANTS = ["diffusers_eager", "diffusers_channels_last", "onnxruntime", "openvino", "diffusers_compile",
-                "ddpm_fast_compile", "ddpm_fast"]
-CUDA_VARIANTS = ["diffusers_eager", "diffusers_channels_last", "onnxruntime", "diffusers_compile",
-                 "diffusers_compile_max_autotune", "ddpm_fast_compile", "ddpm_fast_nograph", "ddpm_fast"]
+CPU_VARIANTS = [
+    "diffusers_eager",
+    "diffusers_channels_last",
+    "onnxruntime",
+    "openvino",
+    "diffusers_compile",
+    "ddpm_fast_compile",
+    "ddpm_fast",
+]
+CUDA_VARIANTS = [
+    "diffusers_eager",
+    "diffusers_channels_last",
+    "onnxruntime",
+    "diffusers_compile",
+    "diffusers_compile_max_autotune",
+    "ddpm_fast_compile",
+    "ddpm_fast_nograph",
+    "ddpm_fast",
+]
 
 NOTES = (
     "ms_median: median over interleaved rounds of one pipe(...) call (noise, every step, postprocessing) divided by "
@@ -55,26 +70,41 @@ def build_pipeline(name: str, src: engines.Source, scheduler_config: dict[str, A
             def pipe(**kwargs):
                 with ddpm_fast.backend("reference"):
                     return inner(**kwargs)
+
         return pipe, engine
     import diffusers
 
-    model = engine.module if engine.module is not None else engines.EngineUNet(
-        engine, src.arch_config, src.device, src.dtype)
+    model = (
+        engine.module
+        if engine.module is not None
+        else engines.EngineUNet(engine, src.arch_config, src.device, src.dtype)
+    )
     pipe = diffusers.DDPMPipeline(unet=model, scheduler=diffusers.DDPMScheduler(**scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     return pipe, engine
 
 
-def bench_row(arch: str, dtype_name: str, batch: int, device: torch.device, variants: list[str], args) -> dict[str, Any]:
+def bench_row(
+    arch: str, dtype_name: str, batch: int, device: torch.device, variants: list[str], args
+) -> dict[str, Any]:
     spec = common.ARCHS[arch]
     cfg = spec["unet"]
     steps = args.steps_256 if cfg["sample_size"] >= 256 else args.steps
     gflop = common.count_gflop(arch) * batch
-    row: dict[str, Any] = {"arch": arch, "dtype": dtype_name, "batch": batch, "unit": "ms per denoising step",
-                           "steps_per_call": steps, "gflop_per_step": gflop, "threads": torch.get_num_threads(),
-                           "generator_device": args.generator_device, "variants": {}}
-    src = engines.Source(cfg, engines.random_state(cfg, args.seed), device, common.DTYPES[dtype_name], batch,
-                         args.compile_backend)
+    row: dict[str, Any] = {
+        "arch": arch,
+        "dtype": dtype_name,
+        "batch": batch,
+        "unit": "ms per denoising step",
+        "steps_per_call": steps,
+        "gflop_per_step": gflop,
+        "threads": torch.get_num_threads(),
+        "generator_device": args.generator_device,
+        "variants": {},
+    }
+    src = engines.Source(
+        cfg, engines.random_state(cfg, args.seed), device, common.DTYPES[dtype_name], batch, args.compile_backend
+    )
     pipes: dict[str, Any] = {}
     built: dict[str, engines.Engine] = {}
     for name in variants:
@@ -84,19 +114,27 @@ def bench_row(arch: str, dtype_name: str, batch: int, device: torch.device, vari
         except engines.Skipped as exc:
             row["variants"][name] = {"skipped": str(exc)}
         except (Exception, common.BenchTimeout) as exc:
-            row["variants"][name] = {"error": f"build: {type(exc).__name__}: {exc}"[:2000],
-                                     "trace": traceback.format_exc(limit=4)}
+            row["variants"][name] = {
+                "error": f"build: {type(exc).__name__}: {exc}"[:2000],
+                "trace": traceback.format_exc(limit=4),
+            }
 
     def call(pipe):
         def run():
             generator = torch.Generator(args.generator_device).manual_seed(args.seed)
             with torch.no_grad():
                 return pipe(batch_size=batch, generator=generator, num_inference_steps=steps, output_type="pt").images
+
         return run
 
     with engines.quiet_tracing():
-        measured = common.compare_variants({n: call(p) for n, p in pipes.items()}, rounds=args.rounds, device=device,
-                                           timeout=args.timeout, per_call=steps)
+        measured = common.compare_variants(
+            {n: call(p) for n, p in pipes.items()},
+            rounds=args.rounds,
+            device=device,
+            timeout=args.timeout,
+            per_call=steps,
+        )
     for name in variants:
         if name in pipes:
             entry = measured[name]
@@ -119,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_variant_args(p, CPU_VARIANTS, CUDA_VARIANTS)
     p.add_argument("--steps", type=int, default=None, help="denoising steps per timed call (default cpu 10, cuda 20)")
     p.add_argument("--steps-256", type=int, default=None, help="steps per call for 256px (default cpu 2, cuda 10)")
-    p.add_argument("--cpu-generator", action="store_true",
-                   help="draw the noise with a CPU generator on CUDA (the diffusers docs' habit)")
+    p.add_argument(
+        "--cpu-generator",
+        action="store_true",
+        help="draw the noise with a CPU generator on CUDA (the diffusers docs' habit)",
+    )
     return p
 
 
@@ -134,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps, args.steps_256) < 1:
         p.error("--steps and --steps-256 must be >= 1")
     args.generator_device = "cpu" if device.type == "cpu" or args.cpu_generator else device.type
-    print(f"# {common.machine_name(device)}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"variants {','.join(variants)}")
+    print(
+        f"# {common.machine_name(device)}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"variants {','.join(variants)}"
+    )
     settings = {"steps": args.steps, "steps_256": args.steps_256, "generator_device": args.generator_device}
-    return unet.run_rows("sample", argv, p, args, device, variants, bench_row, unet.print_row, NOTES, settings, VARIANTS)
+    return unet.run_rows(
+        "sample", argv, p, args, device, variants, bench_row, unet.print_row, NOTES, settings, VARIANTS
+    )

@@ -24,12 +24,33 @@ import torch
 from . import common, engines
 
 CPU_CONFIGS = [("cifar10-32", 1), ("cifar10-32", 16), ("256px", 1)]
-CUDA_CONFIGS = [("cifar10-32", 1), ("cifar10-32", 16), ("cifar10-32", 64), ("cifar10-32", 256), ("256px", 1),
-                ("256px", 8), ("256px", 32)]
-CPU_VARIANTS = ["diffusers_eager", "diffusers_channels_last", "onnxruntime", "openvino", "diffusers_compile",
-                "ddpm_fast_compile", "ddpm_fast"]
-CUDA_VARIANTS = ["diffusers_eager", "diffusers_channels_last", "onnxruntime", "diffusers_compile",
-                 "diffusers_compile_max_autotune", "ddpm_fast_compile", "ddpm_fast"]
+CUDA_CONFIGS = [
+    ("cifar10-32", 1),
+    ("cifar10-32", 16),
+    ("cifar10-32", 64),
+    ("cifar10-32", 256),
+    ("256px", 1),
+    ("256px", 8),
+    ("256px", 32),
+]
+CPU_VARIANTS = [
+    "diffusers_eager",
+    "diffusers_channels_last",
+    "onnxruntime",
+    "openvino",
+    "diffusers_compile",
+    "ddpm_fast_compile",
+    "ddpm_fast",
+]
+CUDA_VARIANTS = [
+    "diffusers_eager",
+    "diffusers_channels_last",
+    "onnxruntime",
+    "diffusers_compile",
+    "diffusers_compile_max_autotune",
+    "ddpm_fast_compile",
+    "ddpm_fast",
+]
 
 NOTES = (
     "ms_median: median over interleaved rounds of one UNet forward (a fixed input, timestep 500); "
@@ -43,8 +64,9 @@ NOTES = (
 def plan(args, device: torch.device, parser: argparse.ArgumentParser) -> list[tuple[str, str, int]]:
     """(arch, dtype, batch) rows, dtype-major (a run cut short has measured the first dtype everywhere)."""
     try:
-        dtypes = common.comma_list(args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32"),
-                                   choices=list(common.DTYPES))
+        dtypes = common.comma_list(
+            args.dtypes or ("fp32" if device.type == "cpu" else "fp16,bf16,fp32"), choices=list(common.DTYPES)
+        )
         if args.configs:
             configs = common.parse_configs(args.configs)
         else:
@@ -64,12 +86,21 @@ def plan(args, device: torch.device, parser: argparse.ArgumentParser) -> list[tu
     return [(arch, dt, batch) for dt in dtypes for arch, batch in configs]
 
 
-def bench_row(arch: str, dtype_name: str, batch: int, device: torch.device, variants: list[str], args) -> dict[str, Any]:
+def bench_row(
+    arch: str, dtype_name: str, batch: int, device: torch.device, variants: list[str], args
+) -> dict[str, Any]:
     cfg = common.ARCHS[arch]["unet"]
     dtype = common.DTYPES[dtype_name]
     gflop = common.count_gflop(arch) * batch
-    row: dict[str, Any] = {"arch": arch, "dtype": dtype_name, "batch": batch, "unit": "ms per UNet forward",
-                           "gflop_per_forward": gflop, "threads": torch.get_num_threads(), "variants": {}}
+    row: dict[str, Any] = {
+        "arch": arch,
+        "dtype": dtype_name,
+        "batch": batch,
+        "unit": "ms per UNet forward",
+        "gflop_per_forward": gflop,
+        "threads": torch.get_num_threads(),
+        "variants": {},
+    }
     src = engines.Source(cfg, engines.random_state(cfg, args.seed), device, dtype, batch, args.compile_backend)
     gen = torch.Generator("cpu").manual_seed(args.seed + 1)
     x = torch.randn(batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=gen)
@@ -83,19 +114,26 @@ def bench_row(arch: str, dtype_name: str, batch: int, device: torch.device, vari
         except engines.Skipped as exc:
             row["variants"][name] = {"skipped": str(exc)}
         except (Exception, common.BenchTimeout) as exc:
-            row["variants"][name] = {"error": f"build: {type(exc).__name__}: {exc}"[:2000],
-                                     "trace": traceback.format_exc(limit=4)}
+            row["variants"][name] = {
+                "error": f"build: {type(exc).__name__}: {exc}"[:2000],
+                "trace": traceback.format_exc(limit=4),
+            }
 
     def call(engine: engines.Engine):
         def run():
             with torch.inference_mode():
                 return engine.forward(x, t)
+
         return run
 
     with engines.quiet_tracing():
         measured = common.compare_variants(
-            {name: call(e) for name, e in built.items()}, rounds=args.rounds, device=device, timeout=args.timeout,
-            record=[n for n in built if n.startswith("ddpm_fast")])
+            {name: call(e) for name, e in built.items()},
+            rounds=args.rounds,
+            device=device,
+            timeout=args.timeout,
+            record=[n for n in built if n.startswith("ddpm_fast")],
+        )
     for name in variants:
         if name in built:
             entry = measured[name]
@@ -128,44 +166,87 @@ def print_row(row: dict[str, Any]) -> None:
             diff = e.get("max_abs_diff_vs_diffusers_eager")
             setup = sum(e.get("setup_s", {}).values())
             unit = "ms/step" if "step" in row["unit"] else "ms/fwd"
-            print(f"{head} {name:<31} {e['ms_median']:10.2f} {unit} {e['gflops_achieved']:8.1f} GFLOP/s{extra}"
-                  f"{'' if diff is None else f'  max|d| {diff:.1e}'}  setup {setup:.1f}s first {e['first_call_s']:.1f}s",
-                  flush=True)
+            print(
+                f"{head} {name:<31} {e['ms_median']:10.2f} {unit} {e['gflops_achieved']:8.1f} GFLOP/s{extra}"
+                f"{'' if diff is None else f'  max|d| {diff:.1e}'}  setup {setup:.1f}s first {e['first_call_s']:.1f}s",
+                flush=True,
+            )
 
 
 def add_variant_args(p: argparse.ArgumentParser, cpu_default: list[str], cuda_default: list[str]) -> None:
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp16,bf16,fp32)")
-    p.add_argument("--configs", default=None, metavar="ARCH:BATCH,...", help="explicit rows, e.g. 256px:8,cifar10-32:64")
+    p.add_argument(
+        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: cpu fp32; cuda fp16,bf16,fp32)"
+    )
+    p.add_argument(
+        "--configs", default=None, metavar="ARCH:BATCH,...", help="explicit rows, e.g. 256px:8,cifar10-32:64"
+    )
     p.add_argument("--archs", default=None, help="comma list of " + ", ".join(common.ARCHS) + " (filters the defaults)")
     p.add_argument("--batches", default=None, help="comma list of batch sizes for every --archs")
-    p.add_argument("--variants", default=None, help="comma list of " + ", ".join(engines.VARIANTS) +
-                   f" (default cpu: {','.join(cpu_default)}; cuda: {','.join(cuda_default)})")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend of the *_compile variants (default inductor; 'eager' for smoke runs)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds a variant's build, first call or one round may take (default cpu 900, cuda 300)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of "
+        + ", ".join(engines.VARIANTS)
+        + f" (default cpu: {','.join(cpu_default)}; cuda: {','.join(cuda_default)})",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the *_compile variants (default inductor; 'eager' for smoke runs)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds a variant's build, first call or one round may take (default cpu 900, cuda 300)",
+    )
     p.add_argument("--budget", type=float, default=None, help="stop starting new rows after this many seconds")
 
 
 def variant_list(args, device: torch.device, parser, cpu_default, cuda_default, known) -> list[str]:
     try:
-        return common.comma_list(args.variants, choices=list(known)) if args.variants else list(
-            cpu_default if device.type == "cpu" else cuda_default)
+        return (
+            common.comma_list(args.variants, choices=list(known))
+            if args.variants
+            else list(cpu_default if device.type == "cpu" else cuda_default)
+        )
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
 
 
-def run_rows(subcommand: str, argv, parser, args, device, variants, bench, printer, notes,
-             settings: dict[str, Any] | None = None, descriptions: dict[str, str] | None = None) -> int:
+def run_rows(
+    subcommand: str,
+    argv,
+    parser,
+    args,
+    device,
+    variants,
+    bench,
+    printer,
+    notes,
+    settings: dict[str, Any] | None = None,
+    descriptions: dict[str, str] | None = None,
+) -> int:
     """The driver ``unet`` and ``sample`` share: rows in order under --budget, JSON after each, targets at the end."""
     rows = plan(args, device, parser)
     if args.timeout is None:
         args.timeout = 900.0 if device.type == "cpu" else 300.0
     out_path = common.output_path(args.json, subcommand, device)
-    report = common.new_report(subcommand, argv, device, {
-        "rows": [f"{a} {d} b{b}" for a, d, b in rows], "variants": variants, "rounds": args.rounds,
-        "compile_backend": args.compile_backend, "timeout": args.timeout, "budget": args.budget,
-        **(settings or {})}, notes)
+    report = common.new_report(
+        subcommand,
+        argv,
+        device,
+        {
+            "rows": [f"{a} {d} b{b}" for a, d, b in rows],
+            "variants": variants,
+            "rounds": args.rounds,
+            "compile_backend": args.compile_backend,
+            "timeout": args.timeout,
+            "budget": args.budget,
+            **(settings or {}),
+        },
+        notes,
+    )
     report["variant_descriptions"] = {v: (descriptions or engines.VARIANTS).get(v, "") for v in variants}
     common.write_json(out_path, report)
     deadline = common.Deadline(args.budget)
@@ -177,8 +258,14 @@ def run_rows(subcommand: str, argv, parser, args, device, variants, bench, print
         try:
             row = bench(arch, dt, batch, device, variants, args)
         except Exception as exc:  # one broken row must not lose the others
-            row = {"arch": arch, "dtype": dt, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                   "trace": traceback.format_exc(limit=6), "variants": {}}
+            row = {
+                "arch": arch,
+                "dtype": dt,
+                "batch": batch,
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+                "trace": traceback.format_exc(limit=6),
+                "variants": {},
+            }
         row["loadavg_after"] = common.safe(lambda: [round(v, 2) for v in __import__("os").getloadavg()])
         report["results"].append(row)
         printer(row)
@@ -210,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = common.setup_device(p, args)
     variants = variant_list(args, device, p, CPU_VARIANTS, CUDA_VARIANTS, engines.VARIANTS)
-    print(f"# {common.machine_name(device)}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"variants {','.join(variants)}")
+    print(
+        f"# {common.machine_name(device)}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"variants {','.join(variants)}"
+    )
     return run_rows("unet", argv, p, args, device, variants, bench_row, print_row, NOTES)

@@ -22,9 +22,11 @@ import ddpm_fast
 from . import common
 
 BASELINES = {"packed": (0, "every convolution on packed oneDNN"), "f2": (2, "Winograd F(2x2) only")}
-NOTES = ("ms_median: one UNet forward (timestep 500), median over interleaved rounds; speedup = baseline median / "
-         "winograd median; speedup_per_round = median over rounds of baseline / winograd; paths: calls per path "
-         "in one forward.")
+NOTES = (
+    "ms_median: one UNet forward (timestep 500), median over interleaved rounds; speedup = baseline median / "
+    "winograd median; speedup_per_round = median over rounds of baseline / winograd; paths: calls per path "
+    "in one forward."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_common_args(p, rounds=15)
     p.add_argument("--arch", default="cifar10-32", choices=list(common.ARCHS))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--baseline", default="packed", choices=list(BASELINES),
-                   help="packed: every convolution on packed oneDNN; f2: Winograd with F(2x2) only")
+    p.add_argument(
+        "--baseline",
+        default="packed",
+        choices=list(BASELINES),
+        help="packed: every convolution on packed oneDNN; f2: Winograd with F(2x2) only",
+    )
     return p
 
 
@@ -58,26 +64,50 @@ def main(argv: list[str] | None = None) -> int:
         def run():
             with torch.inference_mode(), ddpm_fast.winograd(tile):
                 return unet(x, t).sample
+
         return run
 
     out_path = common.output_path(args.json, "winograd", device)
-    report = common.new_report("winograd", argv, device, {"arch": args.arch, "batch": args.batch, "rounds": args.rounds,
-                                                          "baseline": f"{base}: {base_what}"}, NOTES)
-    variants = common.compare_variants({name: forward(m, tile) for name, (m, tile) in models.items()},
-                                       rounds=args.rounds, device=device, ref="winograd", diff_ref=base,
-                                       record=list(models))
-    row: dict[str, Any] = {"arch": args.arch, "batch": args.batch, "baseline": base, "threads": torch.get_num_threads(),
-                           "unit": "ms per UNet forward", "variants": variants}
+    report = common.new_report(
+        "winograd",
+        argv,
+        device,
+        {"arch": args.arch, "batch": args.batch, "rounds": args.rounds, "baseline": f"{base}: {base_what}"},
+        NOTES,
+    )
+    variants = common.compare_variants(
+        {name: forward(m, tile) for name, (m, tile) in models.items()},
+        rounds=args.rounds,
+        device=device,
+        ref="winograd",
+        diff_ref=base,
+        record=list(models),
+    )
+    row: dict[str, Any] = {
+        "arch": args.arch,
+        "batch": args.batch,
+        "baseline": base,
+        "threads": torch.get_num_threads(),
+        "unit": "ms per UNet forward",
+        "variants": variants,
+    }
     w, b = variants["winograd"], variants[base]
     if "ms_median" in w and "ms_median" in b:
-        row.update(speedup=b["speedup_of_winograd"], speedup_per_round=b["speedup_of_winograd_per_round"],
-                   max_abs_diff=w["max_abs_diff_vs_" + base])
-        print(f"{args.arch} batch {args.batch}: Winograd {w['ms_median']:.1f} ms, {base_what} {b['ms_median']:.1f} ms "
-              f"per UNet forward: {row['speedup']:.2f}x (per round {row['speedup_per_round']:.2f}x), "
-              f"max |diff| {row['max_abs_diff']:.1e}")
+        row.update(
+            speedup=b["speedup_of_winograd"],
+            speedup_per_round=b["speedup_of_winograd_per_round"],
+            max_abs_diff=w["max_abs_diff_vs_" + base],
+        )
+        print(
+            f"{args.arch} batch {args.batch}: Winograd {w['ms_median']:.1f} ms, {base_what} {b['ms_median']:.1f} ms "
+            f"per UNet forward: {row['speedup']:.2f}x (per round {row['speedup_per_round']:.2f}x), "
+            f"max |diff| {row['max_abs_diff']:.1e}"
+        )
         for name in models:
-            print(f"  {name} paths: " + ", ".join(f"{k} {v}" for k, v in variants[name]["paths"].items()
-                                                   if k.startswith("conv:")))
+            print(
+                f"  {name} paths: "
+                + ", ".join(f"{k} {v}" for k, v in variants[name]["paths"].items() if k.startswith("conv:"))
+            )
     else:
         print(f"ERROR: {w.get('error') or b.get('error')}")
     report["results"].append(row)

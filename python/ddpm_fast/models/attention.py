@@ -105,8 +105,9 @@ class Attention(nn.Module):
             weight = torch.cat([layer.weight for layer in layers], dim=0)
             if all(layer.bias is None for layer in layers):
                 return weight, None
-            bias = torch.cat([layer.weight.new_zeros(self.inner_dim) if layer.bias is None else layer.bias
-                              for layer in layers])
+            bias = torch.cat(
+                [layer.weight.new_zeros(self.inner_dim) if layer.bias is None else layer.bias for layer in layers]
+            )
             return weight, bias
 
         if fast_path.prepared_weights_allowed() and all(trackable(t) for t in sources):
@@ -129,7 +130,9 @@ class Attention(nn.Module):
         hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
         weight, bias = self._packed_qkv()
         qkv = F.linear(hidden_states, weight, bias)
-        q, k, v = (t.view(batch, -1, self.heads, self.dim_head).transpose(1, 2) for t in qkv.split(self.inner_dim, dim=-1))
+        q, k, v = (
+            t.view(batch, -1, self.heads, self.dim_head).transpose(1, 2) for t in qkv.split(self.inner_dim, dim=-1)
+        )
         attn = ops.attention(q, k, v, self.scale)
         out = attn.transpose(1, 2).reshape(batch, -1, self.inner_dim).to(q.dtype)
         out = self.to_out[1](self.to_out[0](out))  # (B, HW, C)

@@ -94,8 +94,12 @@ def mkldnn_conv_supported(dtype: torch.dtype = torch.float32) -> bool:
         if dtype not in _CAPABILITY:
             _CAPABILITY[dtype] = _probe(dtype)
             if dtype == torch.float32 and not _CAPABILITY[dtype]:
-                warnings.warn("ddpm_fast: torch.ops.mkldnn packed convolutions are unavailable or wrong in this "
-                              "torch build; convolutions use F.conv2d", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    "ddpm_fast: torch.ops.mkldnn packed convolutions are unavailable or wrong in this "
+                    "torch build; convolutions use F.conv2d",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return _CAPABILITY[dtype]
 
 
@@ -112,9 +116,15 @@ def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor) -> int:
     """4 or 2: the Winograd tile for ``conv(x)``; 0: not eligible (see WINOGRAD_MIN_*)."""
     max_tile = fast_path.winograd_max_tile()
     if not (
-        max_tile and x.dtype == torch.float32 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-        and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-        and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS and ops.native_available()
+        max_tile
+        and x.dtype == torch.float32
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS
+        and ops.native_available()
     ):
         return 0
     n, _, h, w = x.shape
@@ -128,10 +138,16 @@ def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = Non
     """Which implementation runs ``conv(x)`` (then ``+ other``): see the module docstring."""
     w, b = conv.weight, conv.bias
     if not (
-        x.dim() == 4 and x.shape[1] == conv.in_channels and x.dtype == w.dtype
+        x.dim() == 4
+        and x.shape[1] == conv.in_channels
+        and x.dtype == w.dtype
         and (x.is_cpu and w.is_cpu or x.device == w.device)
-        and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-        and fast_path.use_fused(x, conv) and fast_path.prepared_weights_allowed() and trackable(w) and trackable(b)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and fast_path.use_fused(x, conv)
+        and fast_path.prepared_weights_allowed()
+        and trackable(w)
+        and trackable(b)
     ):
         return "plain"
     if x.is_cpu:
@@ -180,8 +196,11 @@ class Conv2d(nn.Conv2d):
             return y.div_(output_scale) if output_scale != 1.0 else y
         weight = self.weight
         if path == "cuda_nhwc":
-            weight = self._prepared.get(("cuda_nhwc",), (self.weight,),
-                                        lambda: self.weight.detach().contiguous(memory_format=torch.channels_last))
+            weight = self._prepared.get(
+                ("cuda_nhwc",),
+                (self.weight,),
+                lambda: self.weight.detach().contiguous(memory_format=torch.channels_last),
+            )
         y = self._conv_forward(x, weight, self.bias)
         inplace = path != "plain"  # y is ours alone (no autograd on these paths)
         if other is not None:
@@ -229,7 +248,8 @@ class Conv2d(nn.Conv2d):
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         spatial = [
-            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i] + 1
+            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i]
+            + 1
             for i in range(2)
         ]
         return (x.shape[0], self.out_channels, *spatial)

@@ -18,7 +18,9 @@ _IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "output_loading_info", "mirror", "u
 def _as_dtype(torch_dtype) -> torch.dtype | None:
     if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
         return torch_dtype
-    if isinstance(torch_dtype, str) and isinstance(getattr(torch, torch_dtype.removeprefix("torch."), None), torch.dtype):
+    if isinstance(torch_dtype, str) and isinstance(
+        getattr(torch, torch_dtype.removeprefix("torch."), None), torch.dtype
+    ):
         return getattr(torch, torch_dtype.removeprefix("torch."))
     raise ValueError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
 
@@ -64,7 +66,9 @@ class ModelMixin(nn.Module):
         skip = set()
         if exclude_embeddings:
             skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        return sum(p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable))
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
 
     # -- checkpoint hooks --------------------------------------------------------------------------
     def _deprecated_attention_paths(self) -> list[str]:
@@ -125,7 +129,8 @@ class ModelMixin(nn.Module):
         """
         if pretrained_model_name_or_path is None or not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             raise TypeError(
-                f"pretrained_model_name_or_path must be a folder path or a hub id, got {pretrained_model_name_or_path!r}"
+                "pretrained_model_name_or_path must be a folder path or a hub id, "
+                f"got {pretrained_model_name_or_path!r}"
             )
         torch_dtype = _as_dtype(torch_dtype)
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
@@ -142,7 +147,10 @@ class ModelMixin(nn.Module):
             raise TypeError(f"from_pretrained() got unexpected keyword argument(s): {sorted(kwargs)}")
 
         weights_path, sharded = checkpoints.find_weights_file(
-            pretrained_model_name_or_path, subfolder=subfolder, variant=variant, use_safetensors=use_safetensors,
+            pretrained_model_name_or_path,
+            subfolder=subfolder,
+            variant=variant,
+            use_safetensors=use_safetensors,
             **hub_kwargs,
         )
         if sharded:
@@ -173,4 +181,3 @@ class ModelMixin(nn.Module):
             model = model.to(device_map)
         model.eval()
         return model
-

@@ -75,7 +75,8 @@ def trackable(t: torch.Tensor | None) -> bool:
                 "ddpm_fast: the model's parameters were created under torch.inference_mode and have no version "
                 "counter, so in-place changes to them cannot be seen; they run without prepared (packed, "
                 "Winograd) weights. Build or load the model outside inference mode (from_pretrained does).",
-                RuntimeWarning, stacklevel=4,
+                RuntimeWarning,
+                stacklevel=4,
             )
         return False
     return True

@@ -83,8 +83,13 @@ def downsample_2d(hidden_states: torch.Tensor, kernel=FIR_KERNEL, factor: int = 
 class _FirResample2D(nn.Module):
     """Shared constructor of the FIR resamplers (same attribute names as diffusers, for checkpoints)."""
 
-    def __init__(self, channels: int | None = None, out_channels: int | None = None, use_conv: bool = False,
-                 fir_kernel=FIR_KERNEL):
+    def __init__(
+        self,
+        channels: int | None = None,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        fir_kernel=FIR_KERNEL,
+    ):
         super().__init__()
         out_channels = out_channels if out_channels else channels
         if use_conv:
@@ -200,13 +205,17 @@ class TimeProjections:
         span = self.offsets.get(id(resnet))
         if span is None:
             return resnet._project_temb(self.emb)
-        return self.out[:, span[0]:span[1]]
+        return self.out[:, span[0] : span[1]]
 
 
 def shares_time_projection(resnet: nn.Module) -> bool:
     """Whether a resnet's time projection can be part of :class:`TimeProjections`' shared GEMM."""
-    return (isinstance(resnet, ResnetBlock2D) and resnet.time_emb_proj is not None and not resnet.skip_time_act
-            and isinstance(resnet.nonlinearity, nn.SiLU))
+    return (
+        isinstance(resnet, ResnetBlock2D)
+        and resnet.time_emb_proj is not None
+        and not resnet.skip_time_act
+        and isinstance(resnet.nonlinearity, nn.SiLU)
+    )
 
 
 # -- residual block ----------------------------------------------------------------------------------
@@ -280,8 +289,9 @@ class ResnetBlock2D(nn.Module):
         self.use_in_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = None
         if self.use_in_shortcut:
-            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0,
-                                           bias=conv_shortcut_bias)
+            self.conv_shortcut = Conv2d(
+                in_channels, out_channels, kernel_size=1, stride=1, padding=0, bias=conv_shortcut_bias
+            )
 
     def _resample(self, input_tensor: torch.Tensor, hidden_states: torch.Tensor):
         if self.upsample is not None:

@@ -10,14 +10,13 @@ from torch import nn
 
 from .. import fast_path, ops
 from ..configuration import ConfigMixin, register_to_config
+from ..utils.outputs import BaseOutput
+from .conv import Conv2d
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling_utils import ModelMixin
-from .conv import Conv2d
 from .prepared import PreparedCache, trackable
 from .resnet import TimeProjections, make_group_norm, shares_time_projection
 from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
-
-from ..utils.outputs import BaseOutput
 
 
 @dataclass
@@ -77,8 +76,17 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         super().__init__()
         self.sample_size = sample_size
         self._validate_config(
-            down_block_types, up_block_types, block_out_channels, time_embedding_type, class_embed_type,
-            num_train_timesteps, resnet_time_scale_shift, downsample_type, upsample_type, in_channels, out_channels,
+            down_block_types,
+            up_block_types,
+            block_out_channels,
+            time_embedding_type,
+            class_embed_type,
+            num_train_timesteps,
+            resnet_time_scale_shift,
+            downsample_type,
+            upsample_type,
+            in_channels,
+            out_channels,
             layers_per_block,
         )
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
@@ -189,9 +197,20 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self._prepared = PreparedCache(limit=1)
 
     @staticmethod
-    def _validate_config(down_block_types, up_block_types, block_out_channels, time_embedding_type, class_embed_type,
-                         num_train_timesteps, resnet_time_scale_shift, downsample_type, upsample_type, in_channels,
-                         out_channels, layers_per_block) -> None:
+    def _validate_config(
+        down_block_types,
+        up_block_types,
+        block_out_channels,
+        time_embedding_type,
+        class_embed_type,
+        num_train_timesteps,
+        resnet_time_scale_shift,
+        downsample_type,
+        upsample_type,
+        in_channels,
+        out_channels,
+        layers_per_block,
+    ) -> None:
         if isinstance(down_block_types, str) or isinstance(up_block_types, str):
             raise TypeError("down_block_types and up_block_types must be lists of block names, not a single string")
         if len(down_block_types) != len(up_block_types):
@@ -207,14 +226,19 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         if len(block_out_channels) == 0:
             raise ValueError("block_out_channels must not be empty")
         if time_embedding_type not in TIME_EMBEDDING_TYPES:
-            raise ValueError(f"time_embedding_type {time_embedding_type!r} is not supported; expected one of {TIME_EMBEDDING_TYPES}")
+            raise ValueError(
+                f"time_embedding_type {time_embedding_type!r} is not supported; expected one of {TIME_EMBEDDING_TYPES}"
+            )
         if time_embedding_type == "learned" and not num_train_timesteps:
             raise ValueError("time_embedding_type='learned' needs num_train_timesteps (the embedding table size)")
         if class_embed_type not in CLASS_EMBED_TYPES:
-            raise ValueError(f"class_embed_type {class_embed_type!r} is not supported; expected one of {CLASS_EMBED_TYPES}")
+            raise ValueError(
+                f"class_embed_type {class_embed_type!r} is not supported; expected one of {CLASS_EMBED_TYPES}"
+            )
         if resnet_time_scale_shift not in ("default", "scale_shift"):
             raise ValueError(
-                f"resnet_time_scale_shift {resnet_time_scale_shift!r} is not supported; expected 'default' or 'scale_shift'"
+                f"resnet_time_scale_shift {resnet_time_scale_shift!r} is not supported; "
+                "expected 'default' or 'scale_shift'"
             )
         if downsample_type not in ("conv", "resnet"):
             raise ValueError(f"downsample_type {downsample_type!r} is not supported; expected 'conv' or 'resnet'")
@@ -225,7 +249,9 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         # The Skip blocks carry a 3-channel image path (skip_conv) from the input to the output.
         last = len(down_block_types) - 1
         if any(t in SKIP_BLOCKS for i, t in enumerate(down_block_types) if i != last) and in_channels != 3:
-            raise ValueError(f"Skip down blocks need in_channels=3 (their skip_conv reads the RGB input), got {in_channels}")
+            raise ValueError(
+                f"Skip down blocks need in_channels=3 (their skip_conv reads the RGB input), got {in_channels}"
+            )
         if any(t in SKIP_BLOCKS for i, t in enumerate(up_block_types) if i != last) and out_channels != 3:
             raise ValueError(f"Skip up blocks need out_channels=3 (their skip_conv writes RGB), got {out_channels}")
 
@@ -241,7 +267,11 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             for resnet, linear in zip(self._shared_temb_resnets, linears):
                 offsets[id(resnet)] = (start, start + linear.out_features)
                 start += linear.out_features
-            return torch.cat([linear.weight for linear in linears]), torch.cat([linear.bias for linear in linears]), offsets
+            return (
+                torch.cat([linear.weight for linear in linears]),
+                torch.cat([linear.bias for linear in linears]),
+                offsets,
+            )
 
         weight, bias, offsets = self._prepared.get(("time_projections",), sources, build)
         out = torch.nn.functional.linear(torch.nn.functional.silu(emb), weight, bias)
@@ -313,12 +343,17 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
         if self.class_embedding is not None:
             if class_labels is None:
-                raise ValueError("class_labels must be given: this model is class-conditioned (class embedding configured)")
+                raise ValueError(
+                    "class_labels must be given: this model is class-conditioned (class embedding configured)"
+                )
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(class_labels).to(dtype=self.dtype)
             emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
         elif class_labels is not None:
-            raise ValueError("class_labels were given but this model has no class embedding (set num_class_embeds or class_embed_type)")
+            raise ValueError(
+                "class_labels were given but this model has no class embedding "
+                "(set num_class_embeds or class_embed_type)"
+            )
 
         if fused and fast_path.prepared_weights_allowed():
             emb = self._time_projections(emb)
@@ -343,7 +378,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         # 5. up
         skip_sample = None
         for block in self.up_blocks:
-            res_samples = down_block_res_samples[-len(block.resnets):]
+            res_samples = down_block_res_samples[-len(block.resnets) :]
             down_block_res_samples = down_block_res_samples[: -len(block.resnets)]
             if hasattr(block, "skip_conv"):
                 sample, skip_sample = block(sample, res_samples, emb, skip_sample)

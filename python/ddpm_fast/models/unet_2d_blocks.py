@@ -12,13 +12,19 @@ import math
 import torch
 from torch import nn
 
-from .conv import Conv2d
 from .attention import Attention
+from .conv import Conv2d
 from .resnet import Downsample2D, FirDownsample2D, FirUpsample2D, ResnetBlock2D, Upsample2D, make_group_norm
 
 _SQRT2 = math.sqrt(2.0)
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "ResnetDownsampleBlock2D", "AttnDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D")
+DOWN_BLOCK_TYPES = (
+    "DownBlock2D",
+    "ResnetDownsampleBlock2D",
+    "AttnDownBlock2D",
+    "SkipDownBlock2D",
+    "AttnSkipDownBlock2D",
+)
 UP_BLOCK_TYPES = ("UpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2D",)
 RESAMPLE_TYPES = ("conv", "resnet")
@@ -27,8 +33,16 @@ RESAMPLE_TYPES = ("conv", "resnet")
 def _uattn(channels: int, head_dim: int | None, scale: float, eps: float, groups: int | None) -> Attention:
     """The attention every UNet2D block builds (residual, biased, heads = channels // head_dim)."""
     head_dim = channels if head_dim is None else head_dim
-    return Attention(channels, heads=channels // head_dim, dim_head=head_dim, rescale_output_factor=scale, eps=eps,
-                     norm_num_groups=groups, residual_connection=True, bias=True)
+    return Attention(
+        channels,
+        heads=channels // head_dim,
+        dim_head=head_dim,
+        rescale_output_factor=scale,
+        eps=eps,
+        norm_num_groups=groups,
+        residual_connection=True,
+        bias=True,
+    )
 
 
 def _skip_groups(channels: int) -> int:
@@ -42,22 +56,42 @@ def _skip_groups(channels: int) -> int:
 class DownBlock2D(nn.Module):
     """``num_layers`` resnets, then an optional stride-2 conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
-                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, output_scale_factor: float = 1.0,
-                 add_downsample: bool = True, downsample_padding: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        output_scale_factor: float = 1.0,
+        add_downsample: bool = True,
+        downsample_padding: int = 1,
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
-                          temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
-                          time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                          output_scale_factor=output_scale_factor)
+            ResnetBlock2D(
+                in_channels=in_channels if i == 0 else out_channels,
+                out_channels=out_channels,
+                temb_channels=temb_channels,
+                eps=resnet_eps,
+                groups=resnet_groups,
+                dropout=dropout,
+                time_embedding_norm=resnet_time_scale_shift,
+                non_linearity=resnet_act_fn,
+                output_scale_factor=output_scale_factor,
+            )
             for i in range(num_layers)
         )
         self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
-                                        padding=downsample_padding)])
-            if add_downsample else None
+            nn.ModuleList(
+                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)]
+            )
+            if add_downsample
+            else None
         )
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None):
@@ -75,21 +109,40 @@ class DownBlock2D(nn.Module):
 class ResnetDownsampleBlock2D(nn.Module):
     """``num_layers`` resnets, then an optional resnet with ``down=True`` (avg-pool resampling)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
-                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, output_scale_factor: float = 1.0,
-                 add_downsample: bool = True, skip_time_act: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        output_scale_factor: float = 1.0,
+        add_downsample: bool = True,
+        skip_time_act: bool = False,
+    ):
         super().__init__()
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor, skip_time_act=skip_time_act)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            groups=resnet_groups,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+            skip_time_act=skip_time_act,
+        )
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels, **kw)
             for i in range(num_layers)
         )
         self.downsamplers = (
             nn.ModuleList([ResnetBlock2D(in_channels=out_channels, out_channels=out_channels, down=True, **kw)])
-            if add_downsample else None
+            if add_downsample
+            else None
         )
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None):
@@ -107,15 +160,33 @@ class ResnetDownsampleBlock2D(nn.Module):
 class AttnDownBlock2D(nn.Module):
     """(resnet, attention) x ``num_layers``, then a conv or resnet downsampler (``downsample_type``, or None)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
-                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, attention_head_dim: int | None = 1,
-                 output_scale_factor: float = 1.0, downsample_padding: int = 1, downsample_type: str | None = "conv"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = 1,
+        output_scale_factor: float = 1.0,
+        downsample_padding: int = 1,
+        downsample_type: str | None = "conv",
+    ):
         super().__init__()
         self.downsample_type = downsample_type
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            groups=resnet_groups,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         self.attentions = nn.ModuleList(
             _uattn(out_channels, attention_head_dim, output_scale_factor, resnet_eps, resnet_groups)
             for _ in range(num_layers)
@@ -156,23 +227,46 @@ class SkipDownBlock2D(nn.Module):
     """Resnets (GroupNorm groups min(C // 4, 32), output scale sqrt(2)); the downsampler is a FIR resnet, and
     the FIR-downsampled input image enters through a 1x1 ``skip_conv`` (3 input channels)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
-                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", output_scale_factor: float = _SQRT2, add_downsample: bool = True,
-                 downsample_padding: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        output_scale_factor: float = _SQRT2,
+        add_downsample: bool = True,
+        downsample_padding: int = 1,
+    ):
         super().__init__()
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             cin = in_channels if i == 0 else out_channels
-            self.resnets.append(ResnetBlock2D(in_channels=cin, out_channels=out_channels, groups=_skip_groups(cin),
-                                              groups_out=_skip_groups(out_channels), **kw))
+            self.resnets.append(
+                ResnetBlock2D(
+                    in_channels=cin,
+                    out_channels=out_channels,
+                    groups=_skip_groups(cin),
+                    groups_out=_skip_groups(out_channels),
+                    **kw,
+                )
+            )
         _add_skip_downsampler(self, add_downsample, out_channels, kw)
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
-                skip_sample: torch.Tensor | None = None):
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, skip_sample: torch.Tensor | None = None
+    ):
         output_states = ()
         for resnet in self.resnets:
             hidden_states = resnet(hidden_states, temb)
@@ -183,25 +277,48 @@ class SkipDownBlock2D(nn.Module):
 class AttnSkipDownBlock2D(nn.Module):
     """SkipDownBlock2D with an attention (32 GroupNorm groups) after each resnet."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
-                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", attention_head_dim: int | None = 1,
-                 output_scale_factor: float = _SQRT2, add_downsample: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        attention_head_dim: int | None = 1,
+        output_scale_factor: float = _SQRT2,
+        add_downsample: bool = True,
+    ):
         super().__init__()
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         self.attentions = nn.ModuleList()
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             cin = in_channels if i == 0 else out_channels
-            self.resnets.append(ResnetBlock2D(in_channels=cin, out_channels=out_channels, groups=_skip_groups(cin),
-                                              groups_out=_skip_groups(out_channels), **kw))
+            self.resnets.append(
+                ResnetBlock2D(
+                    in_channels=cin,
+                    out_channels=out_channels,
+                    groups=_skip_groups(cin),
+                    groups_out=_skip_groups(out_channels),
+                    **kw,
+                )
+            )
             self.attentions.append(_uattn(out_channels, attention_head_dim, output_scale_factor, resnet_eps, 32))
         _add_skip_downsampler(self, add_downsample, out_channels, kw)
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
-                skip_sample: torch.Tensor | None = None):
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, skip_sample: torch.Tensor | None = None
+    ):
         output_states = ()
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = attn(resnet(hidden_states, temb))
@@ -211,9 +328,15 @@ class AttnSkipDownBlock2D(nn.Module):
 
 def _add_skip_downsampler(block: nn.Module, add_downsample: bool, out_channels: int, kw: dict) -> None:
     if add_downsample:
-        block.resnet_down = ResnetBlock2D(in_channels=out_channels, out_channels=out_channels,
-                                          groups=_skip_groups(out_channels), use_in_shortcut=True, down=True,
-                                          kernel="fir", **kw)
+        block.resnet_down = ResnetBlock2D(
+            in_channels=out_channels,
+            out_channels=out_channels,
+            groups=_skip_groups(out_channels),
+            use_in_shortcut=True,
+            down=True,
+            kernel="fir",
+            **kw,
+        )
         block.downsamplers = nn.ModuleList([FirDownsample2D(out_channels, out_channels=out_channels)])
         block.skip_conv = Conv2d(3, out_channels, kernel_size=(1, 1), stride=(1, 1))
     else:
@@ -242,24 +365,44 @@ class UNetMidBlock2D(nn.Module):
     ``resnet_time_scale_shift="default"`` and no GroupNorm at all otherwise (diffusers' rule).
     """
 
-    def __init__(self, in_channels: int, temb_channels: int, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int | None = 32, attn_groups: int | None = None, add_attention: bool = True,
-                 attention_head_dim: int | None = 1, output_scale_factor: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int | None = 32,
+        attn_groups: int | None = None,
+        add_attention: bool = True,
+        attention_head_dim: int | None = 1,
+        output_scale_factor: float = 1.0,
+    ):
         super().__init__()
         resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
         self.add_attention = add_attention
         if attn_groups is None:
             attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None
-        kw = dict(in_channels=in_channels, out_channels=in_channels, temb_channels=temb_channels, eps=resnet_eps,
-                  groups=resnet_groups, dropout=dropout, time_embedding_norm=resnet_time_scale_shift,
-                  non_linearity=resnet_act_fn, output_scale_factor=output_scale_factor)
+        kw = dict(
+            in_channels=in_channels,
+            out_channels=in_channels,
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            groups=resnet_groups,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         resnets = [ResnetBlock2D(**kw)]
         attentions = []
         for _ in range(num_layers):
             attentions.append(
                 _uattn(in_channels, attention_head_dim, output_scale_factor, resnet_eps, attn_groups)
-                if add_attention else None
+                if add_attention
+                else None
             )
             resnets.append(ResnetBlock2D(**kw))
         self.attentions = nn.ModuleList(attentions)
@@ -292,27 +435,53 @@ def _pop_and_concat(hidden_states: torch.Tensor, res_hidden_states_tuple: tuple)
 class UpBlock2D(nn.Module):
     """``num_layers`` resnets on [hidden, skip] concatenations, then an optional nearest x2 + conv."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, output_scale_factor: float = 1.0, add_upsample: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: int | None = None,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        output_scale_factor: float = 1.0,
+        add_upsample: bool = True,
+    ):
         super().__init__()
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             rin, rskip = _up_resnet_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
             self.resnets.append(
-                ResnetBlock2D(in_channels=rin + rskip, out_channels=out_channels, temb_channels=temb_channels,
-                              eps=resnet_eps, groups=resnet_groups, dropout=dropout,
-                              time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                              output_scale_factor=output_scale_factor)
+                ResnetBlock2D(
+                    in_channels=rin + rskip,
+                    out_channels=out_channels,
+                    temb_channels=temb_channels,
+                    eps=resnet_eps,
+                    groups=resnet_groups,
+                    dropout=dropout,
+                    time_embedding_norm=resnet_time_scale_shift,
+                    non_linearity=resnet_act_fn,
+                    output_scale_factor=output_scale_factor,
+                )
             )
         self.upsamplers = (
-            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]) if add_upsample else None
+            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+            if add_upsample
+            else None
         )
         self.resolution_idx = resolution_idx
 
-    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple, temb: torch.Tensor | None = None,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple,
+        temb: torch.Tensor | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for resnet in self.resnets:
             hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
             hidden_states = resnet(hidden_states, temb)
@@ -325,27 +494,52 @@ class UpBlock2D(nn.Module):
 class ResnetUpsampleBlock2D(nn.Module):
     """UpBlock2D whose upsampler is a resnet with ``up=True`` (nearest resampling inside)."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, output_scale_factor: float = 1.0, add_upsample: bool = True,
-                 skip_time_act: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: int | None = None,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        output_scale_factor: float = 1.0,
+        add_upsample: bool = True,
+        skip_time_act: bool = False,
+    ):
         super().__init__()
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor, skip_time_act=skip_time_act)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            groups=resnet_groups,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+            skip_time_act=skip_time_act,
+        )
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             rin, rskip = _up_resnet_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
             self.resnets.append(ResnetBlock2D(in_channels=rin + rskip, out_channels=out_channels, **kw))
         self.upsamplers = (
             nn.ModuleList([ResnetBlock2D(in_channels=out_channels, out_channels=out_channels, up=True, **kw)])
-            if add_upsample else None
+            if add_upsample
+            else None
         )
         self.resolution_idx = resolution_idx
 
-    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple, temb: torch.Tensor | None = None,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple,
+        temb: torch.Tensor | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for resnet in self.resnets:
             hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
             hidden_states = resnet(hidden_states, temb)
@@ -358,16 +552,34 @@ class ResnetUpsampleBlock2D(nn.Module):
 class AttnUpBlock2D(nn.Module):
     """(resnet, attention) x ``num_layers``, then a conv or resnet upsampler (``upsample_type``, or None)."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, attention_head_dim: int | None = 1, output_scale_factor: float = 1.0,
-                 upsample_type: str | None = "conv"):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: int | None = None,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = 1,
+        output_scale_factor: float = 1.0,
+        upsample_type: str | None = "conv",
+    ):
         super().__init__()
         self.upsample_type = upsample_type
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            groups=resnet_groups,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         self.attentions = nn.ModuleList()
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
@@ -388,8 +600,13 @@ class AttnUpBlock2D(nn.Module):
             raise ValueError(f"upsample_type {upsample_type!r} is not supported; expected one of {RESAMPLE_TYPES}")
         self.resolution_idx = resolution_idx
 
-    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple, temb: torch.Tensor | None = None,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple,
+        temb: torch.Tensor | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
             hidden_states = attn(resnet(hidden_states, temb))
@@ -406,25 +623,53 @@ class SkipUpBlock2D(nn.Module):
     """Resnets (groups min(C // 4, 32), scale sqrt(2)); the running 3-channel ``skip_sample`` is FIR-upsampled
     and gets ``skip_conv(act(skip_norm(h)))`` added; the upsampler is a FIR resnet."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 output_scale_factor: float = _SQRT2, add_upsample: bool = True, upsample_padding: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: int | None = None,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        output_scale_factor: float = _SQRT2,
+        add_upsample: bool = True,
+        upsample_padding: int = 1,
+    ):
         super().__init__()
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             rin, rskip = _up_resnet_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
-            self.resnets.append(ResnetBlock2D(in_channels=rin + rskip, out_channels=out_channels,
-                                              groups=_skip_groups(rin + rskip),
-                                              groups_out=_skip_groups(out_channels), **kw))
+            self.resnets.append(
+                ResnetBlock2D(
+                    in_channels=rin + rskip,
+                    out_channels=out_channels,
+                    groups=_skip_groups(rin + rskip),
+                    groups_out=_skip_groups(out_channels),
+                    **kw,
+                )
+            )
         _add_skip_upsampler(self, add_upsample, in_channels, out_channels, resnet_eps, kw)
         self.resolution_idx = resolution_idx
 
-    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple, temb: torch.Tensor | None = None,
-                skip_sample: torch.Tensor | None = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple,
+        temb: torch.Tensor | None = None,
+        skip_sample: torch.Tensor | None = None,
+    ):
         for resnet in self.resnets:
             hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
             hidden_states = resnet(hidden_states, temb)
@@ -437,27 +682,55 @@ class AttnSkipUpBlock2D(nn.Module):
     The first GroupNorm's group count reproduces diffusers' ``min(resnet_in + res_skip // 4, 32)``
     (operator precedence included), so checkpoints match."""
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 attention_head_dim: int | None = 1, output_scale_factor: float = _SQRT2, add_upsample: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: int | None = None,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        attention_head_dim: int | None = 1,
+        output_scale_factor: float = _SQRT2,
+        add_upsample: bool = True,
+    ):
         super().__init__()
-        kw = dict(temb_channels=temb_channels, eps=resnet_eps, dropout=dropout,
-                  time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
-                  output_scale_factor=output_scale_factor)
+        kw = dict(
+            temb_channels=temb_channels,
+            eps=resnet_eps,
+            dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift,
+            non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+        )
         self.attentions = nn.ModuleList()
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             rin, rskip = _up_resnet_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
-            self.resnets.append(ResnetBlock2D(in_channels=rin + rskip, out_channels=out_channels,
-                                              groups=min(rin + rskip // 4, 32),
-                                              groups_out=_skip_groups(out_channels), **kw))
+            self.resnets.append(
+                ResnetBlock2D(
+                    in_channels=rin + rskip,
+                    out_channels=out_channels,
+                    groups=min(rin + rskip // 4, 32),
+                    groups_out=_skip_groups(out_channels),
+                    **kw,
+                )
+            )
         self.attentions.append(_uattn(out_channels, attention_head_dim, output_scale_factor, resnet_eps, 32))
         _add_skip_upsampler(self, add_upsample, in_channels, out_channels, resnet_eps, kw)
         self.resolution_idx = resolution_idx
 
-    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple, temb: torch.Tensor | None = None,
-                skip_sample: torch.Tensor | None = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple,
+        temb: torch.Tensor | None = None,
+        skip_sample: torch.Tensor | None = None,
+    ):
         for resnet in self.resnets:
             hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
             hidden_states = resnet(hidden_states, temb)
@@ -465,13 +738,22 @@ class AttnSkipUpBlock2D(nn.Module):
         return _skip_upsample(self, hidden_states, temb, skip_sample)
 
 
-def _add_skip_upsampler(block: nn.Module, add_upsample: bool, in_channels: int, out_channels: int, eps: float,
-                        kw: dict) -> None:
+def _add_skip_upsampler(
+    block: nn.Module, add_upsample: bool, in_channels: int, out_channels: int, eps: float, kw: dict
+) -> None:
     block.upsampler = FirUpsample2D(in_channels, out_channels=out_channels)
     if add_upsample:
         groups = _skip_groups(out_channels)
-        block.resnet_up = ResnetBlock2D(in_channels=out_channels, out_channels=out_channels, groups=groups,
-                                        groups_out=groups, use_in_shortcut=True, up=True, kernel="fir", **kw)
+        block.resnet_up = ResnetBlock2D(
+            in_channels=out_channels,
+            out_channels=out_channels,
+            groups=groups,
+            groups_out=groups,
+            use_in_shortcut=True,
+            up=True,
+            kernel="fir",
+            **kw,
+        )
         block.skip_conv = Conv2d(out_channels, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
         block.skip_norm = make_group_norm(groups, out_channels, eps, "skip_norm")
         block.act = nn.SiLU()
@@ -499,30 +781,59 @@ def _strip_prefix(block_type: str) -> str:
     return block_type[7:] if isinstance(block_type, str) and block_type.startswith("UNetRes") else block_type
 
 
-def get_down_block(down_block_type: str, num_layers: int, in_channels: int, out_channels: int, temb_channels: int,
-                   add_downsample: bool, resnet_eps: float, resnet_act_fn: str, resnet_groups: int | None = None,
-                   downsample_padding: int | None = None, resnet_time_scale_shift: str = "default",
-                   attention_head_dim: int | None = None, downsample_type: str | None = None,
-                   dropout: float = 0.0, resnet_skip_time_act: bool = False,
-                   resnet_out_scale_factor: float = 1.0) -> nn.Module:
+def get_down_block(
+    down_block_type: str,
+    num_layers: int,
+    in_channels: int,
+    out_channels: int,
+    temb_channels: int,
+    add_downsample: bool,
+    resnet_eps: float,
+    resnet_act_fn: str,
+    resnet_groups: int | None = None,
+    downsample_padding: int | None = None,
+    resnet_time_scale_shift: str = "default",
+    attention_head_dim: int | None = None,
+    downsample_type: str | None = None,
+    dropout: float = 0.0,
+    resnet_skip_time_act: bool = False,
+    resnet_out_scale_factor: float = 1.0,
+) -> nn.Module:
     """Build a down block by name; raises ValueError naming an unknown ``down_block_type``."""
     t = _strip_prefix(down_block_type)
-    common = dict(num_layers=num_layers, in_channels=in_channels, out_channels=out_channels,
-                  temb_channels=temb_channels, dropout=dropout, resnet_eps=resnet_eps, resnet_act_fn=resnet_act_fn,
-                  resnet_time_scale_shift=resnet_time_scale_shift)
+    common = dict(
+        num_layers=num_layers,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        temb_channels=temb_channels,
+        dropout=dropout,
+        resnet_eps=resnet_eps,
+        resnet_act_fn=resnet_act_fn,
+        resnet_time_scale_shift=resnet_time_scale_shift,
+    )
     if t == "DownBlock2D":
-        return DownBlock2D(add_downsample=add_downsample, resnet_groups=resnet_groups,
-                           downsample_padding=downsample_padding, **common)
+        return DownBlock2D(
+            add_downsample=add_downsample, resnet_groups=resnet_groups, downsample_padding=downsample_padding, **common
+        )
     if t == "ResnetDownsampleBlock2D":
-        return ResnetDownsampleBlock2D(add_downsample=add_downsample, resnet_groups=resnet_groups,
-                                       skip_time_act=resnet_skip_time_act, output_scale_factor=resnet_out_scale_factor,
-                                       **common)
+        return ResnetDownsampleBlock2D(
+            add_downsample=add_downsample,
+            resnet_groups=resnet_groups,
+            skip_time_act=resnet_skip_time_act,
+            output_scale_factor=resnet_out_scale_factor,
+            **common,
+        )
     if t == "AttnDownBlock2D":
         if downsample_type is not None and downsample_type not in RESAMPLE_TYPES:
             raise ValueError(f"downsample_type {downsample_type!r} is not supported; expected one of {RESAMPLE_TYPES}")
         dtype_ = (downsample_type or "conv") if add_downsample else None
-        return AttnDownBlock2D(resnet_groups=resnet_groups, downsample_padding=downsample_padding,
-                               attention_head_dim=attention_head_dim, downsample_type=dtype_, **common)
+        return AttnDownBlock2D(
+            resnet_groups=resnet_groups,
+            downsample_padding=downsample_padding,
+            attention_head_dim=attention_head_dim,
+            downsample_type=dtype_,
+            **common,
+        )
     if t == "SkipDownBlock2D":
         return SkipDownBlock2D(add_downsample=add_downsample, downsample_padding=downsample_padding, **common)
     if t == "AttnSkipDownBlock2D":
@@ -530,30 +841,56 @@ def get_down_block(down_block_type: str, num_layers: int, in_channels: int, out_
     raise ValueError(f"down_block_type {down_block_type!r} does not exist; supported: {', '.join(DOWN_BLOCK_TYPES)}")
 
 
-def get_up_block(up_block_type: str, num_layers: int, in_channels: int, out_channels: int, prev_output_channel: int,
-                 temb_channels: int, add_upsample: bool, resnet_eps: float, resnet_act_fn: str,
-                 resolution_idx: int | None = None, resnet_groups: int | None = None,
-                 resnet_time_scale_shift: str = "default", attention_head_dim: int | None = None,
-                 upsample_type: str | None = None, dropout: float = 0.0, resnet_skip_time_act: bool = False,
-                 resnet_out_scale_factor: float = 1.0) -> nn.Module:
+def get_up_block(
+    up_block_type: str,
+    num_layers: int,
+    in_channels: int,
+    out_channels: int,
+    prev_output_channel: int,
+    temb_channels: int,
+    add_upsample: bool,
+    resnet_eps: float,
+    resnet_act_fn: str,
+    resolution_idx: int | None = None,
+    resnet_groups: int | None = None,
+    resnet_time_scale_shift: str = "default",
+    attention_head_dim: int | None = None,
+    upsample_type: str | None = None,
+    dropout: float = 0.0,
+    resnet_skip_time_act: bool = False,
+    resnet_out_scale_factor: float = 1.0,
+) -> nn.Module:
     """Build an up block by name; raises ValueError naming an unknown ``up_block_type``."""
     t = _strip_prefix(up_block_type)
-    common = dict(num_layers=num_layers, in_channels=in_channels, out_channels=out_channels,
-                  prev_output_channel=prev_output_channel, temb_channels=temb_channels,
-                  resolution_idx=resolution_idx, dropout=dropout, resnet_eps=resnet_eps,
-                  resnet_act_fn=resnet_act_fn, resnet_time_scale_shift=resnet_time_scale_shift)
+    common = dict(
+        num_layers=num_layers,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        prev_output_channel=prev_output_channel,
+        temb_channels=temb_channels,
+        resolution_idx=resolution_idx,
+        dropout=dropout,
+        resnet_eps=resnet_eps,
+        resnet_act_fn=resnet_act_fn,
+        resnet_time_scale_shift=resnet_time_scale_shift,
+    )
     if t == "UpBlock2D":
         return UpBlock2D(add_upsample=add_upsample, resnet_groups=resnet_groups, **common)
     if t == "ResnetUpsampleBlock2D":
-        return ResnetUpsampleBlock2D(add_upsample=add_upsample, resnet_groups=resnet_groups,
-                                     skip_time_act=resnet_skip_time_act, output_scale_factor=resnet_out_scale_factor,
-                                     **common)
+        return ResnetUpsampleBlock2D(
+            add_upsample=add_upsample,
+            resnet_groups=resnet_groups,
+            skip_time_act=resnet_skip_time_act,
+            output_scale_factor=resnet_out_scale_factor,
+            **common,
+        )
     if t == "AttnUpBlock2D":
         if upsample_type is not None and upsample_type not in RESAMPLE_TYPES:
             raise ValueError(f"upsample_type {upsample_type!r} is not supported; expected one of {RESAMPLE_TYPES}")
         utype = (upsample_type or "conv") if add_upsample else None
-        return AttnUpBlock2D(resnet_groups=resnet_groups, attention_head_dim=attention_head_dim,
-                             upsample_type=utype, **common)
+        return AttnUpBlock2D(
+            resnet_groups=resnet_groups, attention_head_dim=attention_head_dim, upsample_type=utype, **common
+        )
     if t == "SkipUpBlock2D":
         return SkipUpBlock2D(add_upsample=add_upsample, **common)
     if t == "AttnSkipUpBlock2D":
@@ -561,11 +898,21 @@ def get_up_block(up_block_type: str, num_layers: int, in_channels: int, out_chan
     raise ValueError(f"up_block_type {up_block_type!r} does not exist; supported: {', '.join(UP_BLOCK_TYPES)}")
 
 
-def get_mid_block(mid_block_type: str | None, temb_channels: int, in_channels: int, resnet_eps: float,
-                  resnet_act_fn: str, resnet_groups: int | None, output_scale_factor: float = 1.0,
-                  resnet_time_scale_shift: str = "default", attention_head_dim: int | None = 1,
-                  attn_groups: int | None = None, add_attention: bool = True, dropout: float = 0.0,
-                  num_layers: int = 1) -> nn.Module | None:
+def get_mid_block(
+    mid_block_type: str | None,
+    temb_channels: int,
+    in_channels: int,
+    resnet_eps: float,
+    resnet_act_fn: str,
+    resnet_groups: int | None,
+    output_scale_factor: float = 1.0,
+    resnet_time_scale_shift: str = "default",
+    attention_head_dim: int | None = 1,
+    attn_groups: int | None = None,
+    add_attention: bool = True,
+    dropout: float = 0.0,
+    num_layers: int = 1,
+) -> nn.Module | None:
     """Build the mid block (``"UNetMidBlock2D"``) or return None for ``None``; ValueError for other names.
 
     The defaults build what UNet2DModel builds (one attention + two resnets).
@@ -573,9 +920,18 @@ def get_mid_block(mid_block_type: str | None, temb_channels: int, in_channels: i
     if mid_block_type is None:
         return None
     if mid_block_type == "UNetMidBlock2D":
-        return UNetMidBlock2D(in_channels=in_channels, temb_channels=temb_channels, dropout=dropout,
-                              num_layers=num_layers, resnet_eps=resnet_eps, resnet_act_fn=resnet_act_fn,
-                              output_scale_factor=output_scale_factor, resnet_time_scale_shift=resnet_time_scale_shift,
-                              attention_head_dim=attention_head_dim, resnet_groups=resnet_groups,
-                              attn_groups=attn_groups, add_attention=add_attention)
+        return UNetMidBlock2D(
+            in_channels=in_channels,
+            temb_channels=temb_channels,
+            dropout=dropout,
+            num_layers=num_layers,
+            resnet_eps=resnet_eps,
+            resnet_act_fn=resnet_act_fn,
+            output_scale_factor=output_scale_factor,
+            resnet_time_scale_shift=resnet_time_scale_shift,
+            attention_head_dim=attention_head_dim,
+            resnet_groups=resnet_groups,
+            attn_groups=attn_groups,
+            add_attention=add_attention,
+        )
     raise ValueError(f"mid_block_type {mid_block_type!r} does not exist; supported: UNetMidBlock2D or None")

@@ -74,10 +74,14 @@ class DDPMPipeline(DiffusionPipeline):
         if unet is None:
             unet_class = index_component_class(index, "unet", index_path, "UNet2DModel")
             if unet_class is None:
-                raise ValueError(f"{index_path}: field 'unet' says the pipeline has no unet; DDPMPipeline needs one "
-                                 "(pass unet=UNet2DModel.from_pretrained(...))")
+                raise ValueError(
+                    f"{index_path}: field 'unet' says the pipeline has no unet; DDPMPipeline needs one "
+                    "(pass unet=UNet2DModel.from_pretrained(...))"
+                )
             if unet_class != "UNet2DModel":
-                raise ValueError(f"{index_path}: field 'unet' names class {unet_class!r}; only UNet2DModel is supported")
+                raise ValueError(
+                    f"{index_path}: field 'unet' names class {unet_class!r}; only UNet2DModel is supported"
+                )
             unet_subfolder = component_subfolder(folder, "unet")
             unet = UNet2DModel.from_pretrained(
                 folder,
@@ -87,9 +91,13 @@ class DDPMPipeline(DiffusionPipeline):
                 use_safetensors=use_safetensors,
             )
             if unet.config.sample_size is None:  # a UNet can do without it; this pipeline cannot size its noise
-                config_path = os.path.join(folder, *([unet_subfolder] if unet_subfolder else []), UNet2DModel.config_name)
-                raise ValueError(f"{config_path}: field 'sample_size' is null; DDPMPipeline needs the image size "
-                                 "(an integer or [height, width])")
+                config_path = os.path.join(
+                    folder, *([unet_subfolder] if unet_subfolder else []), UNet2DModel.config_name
+                )
+                raise ValueError(
+                    f"{config_path}: field 'sample_size' is null; DDPMPipeline needs the image size "
+                    "(an integer or [height, width])"
+                )
         elif torch_dtype is not None:
             unet = unet.to(torch_dtype)
         if scheduler is None:
@@ -99,7 +107,9 @@ class DDPMPipeline(DiffusionPipeline):
                     f"{index_path}: field 'scheduler' names class {scheduler_class!r}; supported: "
                     f"{sorted(SCHEDULERS)}. Pass scheduler=DDPMScheduler.from_pretrained(...) to override."
                 )
-            scheduler = SCHEDULERS[scheduler_class].from_pretrained(folder, subfolder=component_subfolder(folder, "scheduler"))
+            scheduler = SCHEDULERS[scheduler_class].from_pretrained(
+                folder, subfolder=component_subfolder(folder, "scheduler")
+            )
         return cls(unet=unet, scheduler=scheduler)
 
     # -- sampling ------------------------------------------------------------------------------
@@ -107,7 +117,11 @@ class DDPMPipeline(DiffusionPipeline):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         num_train = self.scheduler.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= num_train
+        ):
             raise ValueError(
                 f"num_inference_steps must be an integer in [1, {num_train}] (the scheduler's num_train_timesteps), "
                 f"got {num_inference_steps!r}"
@@ -116,7 +130,10 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(generator, list):
             if len(generator) != batch_size:
-                raise ValueError(f"generator is a list of length {len(generator)}; it must have one per image (batch_size={batch_size})")
+                raise ValueError(
+                    f"generator is a list of length {len(generator)}; "
+                    f"it must have one per image (batch_size={batch_size})"
+                )
             if not all(isinstance(g, torch.Generator) for g in generator):
                 raise TypeError("generator must be a torch.Generator or a list of them")
         elif generator is not None and not isinstance(generator, torch.Generator):
@@ -154,7 +171,9 @@ class DDPMPipeline(DiffusionPipeline):
             def draw_noise():
                 return randn_tensor(image.shape, generator=generator, device=device, dtype=image.dtype)
 
-            graphed = sample_with_graph(self._cuda_graphs, self.unet, self.scheduler, image, draw_noise, self.progress_bar)
+            graphed = sample_with_graph(
+                self._cuda_graphs, self.unet, self.scheduler, image, draw_noise, self.progress_bar
+            )
         if graphed is not None:
             image = graphed
         else:

@@ -59,7 +59,9 @@ def _snapshot(repo_id: str, **hub_kwargs) -> str:
 
 def resolve_pipeline_dir(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> str:
     """The local pipeline folder: ``pretrained_model_name_or_path`` itself, or a hub id's snapshot."""
-    if isinstance(pretrained_model_name_or_path, bytes) or not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+    if isinstance(pretrained_model_name_or_path, bytes) or not isinstance(
+        pretrained_model_name_or_path, (str, os.PathLike)
+    ):
         raise TypeError(
             "pretrained_model_name_or_path must be a pipeline folder or a hub id, got "
             f"{type(pretrained_model_name_or_path).__name__} {pretrained_model_name_or_path!r}"
@@ -91,8 +93,11 @@ def index_component_class(index: dict[str, Any], name: str, index_path: str, def
     if name not in index:
         return default
     entry = index[name]
-    if (not isinstance(entry, (list, tuple)) or len(entry) != 2
-            or not all(part is None or isinstance(part, str) for part in entry)):
+    if (
+        not isinstance(entry, (list, tuple))
+        or len(entry) != 2
+        or not all(part is None or isinstance(part, str) for part in entry)
+    ):
         from ..configuration import _json_kind
 
         raise ValueError(
@@ -178,7 +183,9 @@ class DiffusionPipeline:
         return numpy_to_pil(images)
 
     # -- saving --------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+    ) -> None:
         """Write the diffusers layout: ``model_index.json`` and one subfolder per component."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):

@@ -53,7 +53,6 @@ class DDIMSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-
 class DDIMScheduler(SchedulerMixin):
     """DDIM sampler, a drop-in for ``diffusers.DDIMScheduler``.
 
@@ -95,8 +94,14 @@ class DDIMScheduler(SchedulerMixin):
     ):
         check_common_config(type(self).__name__, self.config)
         self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
-            BETA_SCHEDULES, type(self).__name__,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+            BETA_SCHEDULES,
+            type(self).__name__,
         )
         if isinstance(trained_betas, torch.Tensor):  # keep the config JSON-serialisable
             self.register_to_config(trained_betas=trained_betas.detach().cpu().tolist())
@@ -120,8 +125,9 @@ class DDIMScheduler(SchedulerMixin):
         """Choose ``num_inference_steps`` (1..num_train_timesteps) timesteps, spaced by ``config.timestep_spacing``."""
         n_train = self.config.num_train_timesteps
         self.num_inference_steps = check_num_inference_steps(num_inference_steps, n_train)
-        schedule = spaced_timesteps(self.num_inference_steps, n_train, self.config.timestep_spacing,
-                                    self.config.steps_offset)
+        schedule = spaced_timesteps(
+            self.num_inference_steps, n_train, self.config.timestep_spacing, self.config.steps_offset
+        )
         self.timesteps = torch.from_numpy(schedule).to(device)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
@@ -211,8 +217,9 @@ class DDIMScheduler(SchedulerMixin):
             if eta > 0:
                 noise = variance_noise
                 if noise is None:
-                    noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                         dtype=model_output.dtype)
+                    noise = randn_tensor(
+                        model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                    )
             clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
             prev_sample, pred_original_sample = ops.scheduler_step(
                 model_output, sample, noise, coefs.x0, coefs.prev, coefs.noise_scale if noise is not None else 0.0, clip
@@ -261,16 +268,18 @@ class DDIMScheduler(SchedulerMixin):
 
         if eta > 0:
             if variance_noise is None:
-                variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                              dtype=model_output.dtype)
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
             prev_sample = prev_sample + std_dev_t * variance_noise
         return prev_sample, pred_original_sample
 
     def _draws_noise(self, timestep: int) -> bool:
         return False  # the pipeline calls step without eta (0): DDIM then draws nothing
 
-    def step_coefficients(self, timestep: int, eta: float = 0.0,
-                          use_clipped_model_output: bool = False) -> StepCoefficients | None:
+    def step_coefficients(
+        self, timestep: int, eta: float = 0.0, use_clipped_model_output: bool = False
+    ) -> StepCoefficients | None:
         """The fused-step scalars of ``step(model_output, timestep, sample, eta, use_clipped_model_output)``,
         cached; None with thresholding, and where a scalar is not finite (the reference path then reproduces
         diffusers' inf/NaN)."""

@@ -59,9 +59,14 @@ class DDPMSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-
-def _fixed_variance(alphas_cumprod: torch.Tensor, one: torch.Tensor, t: int, prev_t: int, variance_type: str,
-                    predicted_variance: torch.Tensor | None = None):
+def _fixed_variance(
+    alphas_cumprod: torch.Tensor,
+    one: torch.Tensor,
+    t: int,
+    prev_t: int,
+    variance_type: str,
+    predicted_variance: torch.Tensor | None = None,
+):
     """The value diffusers' ``_get_variance`` returns (float32 0-d tensors, diffusers' op order).
 
     Deviation: ``fixed_large_log`` returns ``log(clamp(beta_t, 1e-20))`` (a log-variance, used as
@@ -144,8 +149,14 @@ class DDPMScheduler(SchedulerMixin):
         check_common_config(type(self).__name__, self.config)
         check_choice(variance_type, "variance_type", VARIANCE_TYPES, type(self).__name__)
         self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
-            BETA_SCHEDULES, type(self).__name__,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+            BETA_SCHEDULES,
+            type(self).__name__,
         )
         if isinstance(trained_betas, torch.Tensor):  # keep the config JSON-serialisable
             self.register_to_config(trained_betas=trained_betas.detach().cpu().tolist())
@@ -197,8 +208,10 @@ class DDPMScheduler(SchedulerMixin):
             values = np.asarray(timesteps)
             if values.ndim != 1 or values.size == 0:
                 raise ValueError(f"timesteps must be a non-empty 1-d sequence of integers, got {timesteps!r}")
-            if not (np.issubdtype(values.dtype, np.integer) or
-                    (np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0))):
+            if not (
+                np.issubdtype(values.dtype, np.integer)
+                or (np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0))
+            ):
                 raise ValueError(f"timesteps must be integers, got {timesteps!r}")
             values = values.astype(np.int64)
             if np.any(values[1:] >= values[:-1]):
@@ -256,8 +269,9 @@ class DDPMScheduler(SchedulerMixin):
 
     # -- variance ------------------------------------------------------------------------------------
 
-    def _get_variance(self, t: int, predicted_variance: torch.Tensor | None = None,
-                      variance_type: str | None = None) -> torch.Tensor:
+    def _get_variance(
+        self, t: int, predicted_variance: torch.Tensor | None = None, variance_type: str | None = None
+    ) -> torch.Tensor:
         """Variance (or log-variance / std, depending on ``variance_type``) of step ``t``, like diffusers."""
         t = as_timestep(t, self.config.num_train_timesteps)
         prev_t = self._previous_int(t)
@@ -301,12 +315,18 @@ class DDPMScheduler(SchedulerMixin):
         if coefs is not None:
             noise = None
             if t > 0:
-                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                     dtype=model_output.dtype)
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
             clip = float(self.config.clip_sample_range) if self.config.clip_sample else None
             prev_sample, pred_original_sample = ops.scheduler_step(
-                model_output, sample, noise, coefs.x0, coefs.prev,
-                coefs.noise_scale if noise is not None else 0.0, clip,
+                model_output,
+                sample,
+                noise,
+                coefs.x0,
+                coefs.prev,
+                coefs.noise_scale if noise is not None else 0.0,
+                clip,
             )
         else:
             prev_sample, pred_original_sample = self._step_reference(model_output, t, prev_t, sample, generator)
@@ -344,8 +364,9 @@ class DDPMScheduler(SchedulerMixin):
 
         variance = 0
         if t > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
             var = _fixed_variance(self.alphas_cumprod, self.one, t, prev_t, vtype, predicted_variance)
             variance = _noise_from_variance(var, vtype) * noise
         return pred_prev_sample + variance, pred_original_sample

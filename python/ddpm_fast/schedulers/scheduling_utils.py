@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -102,7 +102,8 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def _check_beta_bound(value: Any, name: str, schedule: str) -> float:
-    """``beta_start`` / ``beta_end`` unchanged when it is a finite real number in [0, 1]; else an error naming ``name``."""
+    """``beta_start`` / ``beta_end`` unchanged when it is a finite real number in [0, 1]; else an error naming
+    ``name``."""
     number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     if isinstance(number, bool) or not isinstance(number, numbers.Real):
         raise TypeError(
@@ -110,7 +111,9 @@ def _check_beta_bound(value: Any, name: str, schedule: str) -> float:
             f"got {type(value).__name__} {value!r}"
         )
     if not math.isfinite(number) or not 0 <= number <= 1:
-        raise ValueError(f"{name} must be a finite number in [0, 1] (beta_schedule {schedule!r} uses it), got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number in [0, 1] (beta_schedule {schedule!r} uses it), got {value!r}"
+        )
     return value
 
 
@@ -135,13 +138,17 @@ def _check_betas_in_range(betas: torch.Tensor, source: str) -> None:
     finite = torch.isfinite(betas)
     if not finite.all():
         first = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"{source} gives non-finite betas (beta[{first}] = {betas[first].item()}); "
-                         "betas must be finite values in [0, 1]")
+        raise ValueError(
+            f"{source} gives non-finite betas (beta[{first}] = {betas[first].item()}); "
+            "betas must be finite values in [0, 1]"
+        )
     outside = (betas < 0) | (betas > 1)
     if outside.any():
         first = int(outside.nonzero()[0, 0])
-        raise ValueError(f"{source} gives betas outside [0, 1] (beta[{first}] = {betas[first].item()}, "
-                         f"range {betas.min().item()} to {betas.max().item()}); betas must be finite values in [0, 1]")
+        raise ValueError(
+            f"{source} gives betas outside [0, 1] (beta[{first}] = {betas[first].item()}, "
+            f"range {betas.min().item()} to {betas.max().item()}); betas must be finite values in [0, 1]"
+        )
 
 
 def make_betas(
@@ -191,7 +198,10 @@ def make_betas(
             betas = betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
         elif beta_schedule == "sigmoid":
             # GeoDiff schedule; diffusers builds the linspace in the default dtype (float32).
-            betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
+            betas = (
+                torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32)) * (beta_end - beta_start)
+                + beta_start
+            )
         else:  # pragma: no cover - allowed_schedules lists only the names handled above
             raise UnsupportedOptionError(f"beta_schedule {beta_schedule!r} is not implemented")
         source = f"beta_schedule {beta_schedule!r} with num_train_timesteps={num_train_timesteps}"
@@ -235,9 +245,7 @@ def check_common_config(owner: str, config) -> None:
         raise ValueError(f"clip_sample_range must be > 0 when clip_sample is set, got {config.clip_sample_range!r}")
     if config.thresholding:
         if not 0 < config.dynamic_thresholding_ratio <= 1:
-            raise ValueError(
-                f"dynamic_thresholding_ratio must be in (0, 1], got {config.dynamic_thresholding_ratio!r}"
-            )
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {config.dynamic_thresholding_ratio!r}")
         if not config.sample_max_value >= 1:
             raise ValueError(f"sample_max_value must be >= 1, got {config.sample_max_value!r}")
 
@@ -339,7 +347,9 @@ def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> to
     return sample.reshape(batch, channels, *rest).to(dtype)
 
 
-def add_noise_like_diffusers(scheduler, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
+def add_noise_like_diffusers(
+    scheduler, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any
+) -> torch.Tensor:
     """``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` per sample, with diffusers' dtype and device handling."""
     if not isinstance(original_samples, torch.Tensor) or not isinstance(noise, torch.Tensor):
         raise TypeError("original_samples and noise must be torch.Tensors")

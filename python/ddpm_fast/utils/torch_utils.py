@@ -47,7 +47,8 @@ def randn_tensor(
             gen_type = generator.device.type
         else:
             raise TypeError(
-                f"randn_tensor: generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}"
+                "randn_tensor: generator must be a torch.Generator, a list of them or None, "
+                f"got {type(generator).__name__}"
             )
         if gen_type != target.type and gen_type == "cpu":
             rand_device = "cpu"
@@ -65,6 +66,9 @@ def randn_tensor(
                 "pass one generator per sample"
             )
         one = (1,) + shape[1:]
-        draws = [torch.randn(one, generator=generator[i], device=rand_device, dtype=dtype, layout=layout) for i in range(batch_size)]
+        draws = [
+            torch.randn(one, generator=generator[i], device=rand_device, dtype=dtype, layout=layout)
+            for i in range(batch_size)
+        ]
         return torch.cat(draws, dim=0).to(target)
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype, layout=layout).to(target)
