@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with ddpm_fast built from this checkout.
 #   bash scripts/setup.sh           # runtime: torch (CPU build), the package and its native kernels
-#   bash scripts/setup.sh --test    # + test dependencies (diffusers 0.42.1 as the oracle, pytest, scikit-learn)
+#   bash scripts/setup.sh --test    # + test dependencies (diffusers 0.42.1 as the oracle, pytest, scikit-learn,
+#                                   #   the benchmarks' peers ONNX Runtime and OpenVINO, ruff)
 # VENV=path chooses the environment (default: .venv in the repository root); PYTHON chooses the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ torch_pin=${TORCH_PIN:-torch==2.13.0}   # pinned: the CPU build on local disk, n
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "$torch_pin" numpy pillow safetensors tqdm scikit-build-core pybind11 "cmake>=3.26" ninja
 if [ "${1:-}" = "--test" ]; then
-  "${pip[@]}" pytest pytest-timeout "diffusers==0.42.1" scikit-learn huggingface_hub
+  "${pip[@]}" pytest pytest-timeout "diffusers==0.42.1" scikit-learn huggingface_hub \
+    onnxruntime openvino onnx onnxscript "ruff==0.17.6"
 else
   "${pip[@]}" scikit-learn
 fi
