@@ -81,7 +81,8 @@ def test_packed_conv_matches_f_conv2d(case, channels_last):
         added = conv.forward_fused(x, other=other)
         broadcast = conv.forward_fused(x, other=other[:1])
     if conv_mod.mkldnn_conv_supported(torch.float32):
-        assert paths["conv:packed"] == 4 and paths["conv:plain"] == 0
+        assert paths["conv:packed"] + paths["conv:gemm"] == 4 and paths["conv:plain"] == 0
+        assert paths["conv:gemm"] == (3 if k == 1 and s == 1 and channels_last else 0)  # small 1x1: one GEMM
         assert y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, F.silu(ref + other) / 2.0, rtol=1e-5, atol=1e-5)
@@ -192,11 +193,12 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
     # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers). At batch 1 only the 22 at 32x32
     # and 16x16 have WINOGRAD_MIN_TILES (64) tiles: 8 down-block, 12 up-block resnet convs, 2 upsamplers.
-    # The 11 at 32x32 have 64 4x4 tiles and run as F(4x4); the 11 at 16x16 as F(2x2).
-    assert conv_mod.WINOGRAD_MIN_TILES == 64
+    # The 11 at 32x32 have 64 4x4 tiles and run as F(4x4); the 11 at 16x16 as F(2x2). The 13 1x1 shortcuts
+    # (at most 32x32 = GEMM_1X1_MAX_PIXELS pixels) run as one GEMM each.
+    assert conv_mod.WINOGRAD_MIN_TILES == {4: 64, 2: 64} and conv_mod.GEMM_1X1_MAX_PIXELS == 1024
     winograd = 22 if ddpm_fast.ops.native_available() else 0
-    assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:packed"] == 65 - winograd
-    assert stats["conv:winograd4"] == winograd // 2
+    assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:gemm"] == 13
+    assert stats["conv:packed"] == 65 - 13 - winograd and stats["conv:winograd4"] == winograd // 2
     assert stats["conv:plain"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
@@ -207,7 +209,7 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     torch.testing.assert_close(y_cl, y)
     with ddpm_fast.winograd(0), torch.no_grad(), fast_path.record_paths() as stats:
         y_packed = ours(x, 10).sample
-    assert stats["conv:packed"] == 65
+    assert stats["conv:packed"] == 65 - 13 and stats["conv:gemm"] == 13
     with ddpm_fast.winograd(2), torch.no_grad(), fast_path.record_paths() as stats:
         y_f2 = ours(x, 10).sample
     assert stats["conv:winograd2"] == winograd and stats["conv:winograd4"] == 0
@@ -226,8 +228,10 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
         y = ours(x, 10).sample
         expected = ref(x, 10).sample
     # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 2x2 tiles: all 47 eligible convolutions run as Winograd,
-    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4
-    assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:packed"] == 18
+    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4; the 6 1x1 shortcuts at 8x8 and
+    # 4x4 (at most 1024 pixels) as GEMMs
+    assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:gemm"] == 6
+    assert stats["conv:packed"] == 12
     assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == 33
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 

@@ -6,6 +6,9 @@ picks one of
 * ``"winograd4"`` / ``"winograd2"``: fp32 3x3 stride-1 CPU convolutions with enough channels and output tiles, as
   Winograd F(4x4, 3x3) / F(2x2, 3x3) (:func:`ddpm_fast.ops.conv3x3_winograd`, 4x / 2.25x fewer multiplies) on
   the weight transformed once;
+* ``"gemm"``: 1x1 stride-1 CPU convolutions on few pixels (the shortcuts at batch 1): on channels_last activations a
+  1x1 convolution is one GEMM, ``(N*H*W, C) @ W^T``, and one ``addmm`` call (which reads the weight in place,
+  nothing prepared) costs less than oneDNN's per-call overhead there;
 * ``"packed"``: the other CPU convolutions, on oneDNN with the weight reordered once into its blocked layout
   (``torch.ops.mkldnn._reorder_convolution_weight``) and a fused SiLU or residual add
   (``torch.ops.mkldnn._convolution_pointwise``, the ops torch.compile's CPU backend emits). PyTorch itself sends
@@ -42,7 +45,10 @@ WINOGRAD_MIN_CHANNELS = 64
 # ... and with at least this many output tiles (N * ceil(H/m) * ceil(W/m) for m x m tiles): below, the GEMMs are
 # too thin and the transformed weight (16/9 or 36/9 the size of the original) makes them weight-bandwidth bound.
 # F(4x4) when it has that many 4x4 tiles, else F(2x2) when it has that many 2x2 tiles, else oneDNN.
-WINOGRAD_MIN_TILES = 64
+WINOGRAD_MIN_TILES = {4: 64, 2: 64}
+# 1x1 convolutions with at most this many output pixels (N*H*W) run as one GEMM ("gemm"); above, oneDNN's
+# blocked kernels are faster.
+GEMM_1X1_MAX_PIXELS = 1024
 
 _CAPABILITY: dict[torch.dtype, bool] = {}  # compute dtype -> packed oneDNN probe passed
 _CAPABILITY_LOCK = threading.Lock()
@@ -129,9 +135,20 @@ def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor) -> int:
         return 0
     n, _, h, w = x.shape
     for tile in (4, 2):
-        if tile <= max_tile and n * -(-h // tile) * -(-w // tile) >= WINOGRAD_MIN_TILES:
+        if tile <= max_tile and n * -(-h // tile) * -(-w // tile) >= WINOGRAD_MIN_TILES[tile]:
             return tile
     return 0
+
+
+def _gemm_1x1(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and x.shape[0] * x.shape[2] * x.shape[3] <= GEMM_1X1_MAX_PIXELS
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
@@ -151,9 +168,12 @@ def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = Non
     ):
         return "plain"
     if x.is_cpu:
+        exact_other = other is None or other.shape == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
         tile = _winograd_tile(conv, x)
-        if tile and (other is None or other.shape == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])):
+        if tile and exact_other:
             return "winograd4" if tile == 4 else "winograd2"
+        if exact_other and _gemm_1x1(conv, x):
+            return "gemm"
         return "packed" if _packed_compute_dtype(x.dtype) is not None else "plain"
     if x.is_cuda and x.is_contiguous(memory_format=torch.channels_last):
         return "cuda_nhwc"
@@ -194,6 +214,11 @@ class Conv2d(nn.Conv2d):
         if path == "packed":
             y = self._packed(x, other, silu)
             return y.div_(output_scale) if output_scale != 1.0 else y
+        if path == "gemm":
+            y = self._gemm(x, other)
+            if silu:
+                y = F.silu(y, inplace=True)
+            return y.div_(output_scale) if output_scale != 1.0 else y
         weight = self.weight
         if path == "cuda_nhwc":
             weight = self._prepared.get(
@@ -214,6 +239,19 @@ class Conv2d(nn.Conv2d):
     def _winograd_weights(self, tile: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.bias
         return ops.winograd_weight(self.weight, tile), None if b is None else b.detach().float().contiguous()
+
+    def _gemm(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        """1x1 convolution of channels_last ``x`` as ``(N*H*W, C) @ W^T`` (+ bias, + other) in one addmm."""
+        n, c, h, w = x.shape
+        weight = self.weight.view(self.out_channels, c)
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
+        if other is None:
+            y = F.linear(rows, weight, self.bias)
+        else:
+            y = torch.addmm(other.permute(0, 2, 3, 1).reshape(n * h * w, self.out_channels), rows, weight.t())
+            if self.bias is not None:
+                y = y.add_(self.bias)
+        return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
 
     def _packed(self, x: torch.Tensor, other: torch.Tensor | None, silu: bool) -> torch.Tensor:
         compute = _packed_compute_dtype(x.dtype)
