@@ -9,12 +9,12 @@ kernels registered here let ``torch.compile(fullgraph=True)`` trace the native o
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from . import _native
+from .utils.warn import warn_once
 
 __all__ = [
     "ArgumentError",
@@ -49,23 +49,22 @@ def native_available() -> bool:
     return _native.available()
 
 
-_warned_unavailable = False
-
-
 def _native_covers(x: torch.Tensor, *others: torch.Tensor | None, any_dtype: bool = False) -> bool:
     """Whether the native op should run these tensors: extension loaded, a device it has kernels for (or meta,
     where its fake runs), no autograd graph needed, and a dtype it has kernels for: float64 inputs, valid for
     the PyTorch composites, go there unless ``any_dtype`` (an op whose composite serves autograd only). Everything
     else about the arguments the op checks itself, with one wording."""
-    global _warned_unavailable
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if not _native.available():
-        if not _warned_unavailable:
-            _warned_unavailable = True
-            reason = _native.load_error()
-            if reason and "DDPM_FAST_DISABLE_NATIVE" not in reason:
-                warnings.warn(f"ddpm_fast: native kernels unavailable, using PyTorch fallbacks: {reason}", stacklevel=3)
+        reason = _native.load_error()
+        if reason and "DDPM_FAST_DISABLE_NATIVE" not in reason:
+            warn_once(
+                "native-unavailable",
+                f"ddpm_fast: native kernels unavailable, using PyTorch fallbacks: {reason}",
+                UserWarning,
+                stacklevel=4,
+            )
         return False
     device = x.device.type
     if not (device in ("cpu", "meta") or (device == "cuda" and _native.has_cuda())):

@@ -22,7 +22,6 @@ and anything that is not a plain ``nn.Parameter`` (parametrised weights are reco
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -30,13 +29,13 @@ import torch
 from torch import nn
 
 from .. import fast_path
+from ..utils.warn import warn_once
 
 __all__ = ["PreparedCache", "TrackedParameter", "module_signature", "trackable"]
 
 T = TypeVar("T")
 _DATA = torch._C.TensorBase.data  # the descriptor nn.Parameter inherits
 _PARAMETER_NEW = nn.Parameter.__new__.__code__
-_warned_inference = False
 
 
 class TrackedParameter(nn.Parameter):
@@ -63,21 +62,18 @@ class TrackedParameter(nn.Parameter):
 
 def trackable(t: torch.Tensor | None) -> bool:
     """Whether a copy prepared from ``t`` can be kept correct (``None``, a bias that is absent, is)."""
-    global _warned_inference
     if t is None:
         return True
     if type(t) is not TrackedParameter and type(t) is not nn.Parameter:  # (isinstance on Parameter is slow)
         return False
     if t.is_inference():
-        if not _warned_inference:
-            _warned_inference = True
-            warnings.warn(
-                "ddpm_fast: the model's parameters were created under torch.inference_mode and have no version "
-                "counter, so in-place changes to them cannot be seen; they run without prepared (packed, "
-                "Winograd) weights. Build or load the model outside inference mode (from_pretrained does).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        warn_once(
+            "inference-parameters",
+            "ddpm_fast: the model's parameters were created under torch.inference_mode and have no version "
+            "counter, so in-place changes to them cannot be seen; they run without prepared (packed, "
+            "Winograd) weights. Build or load the model outside inference mode (from_pretrained does).",
+            stacklevel=5,
+        )
         return False
     return True
 
