@@ -9,7 +9,6 @@ kernels registered here let ``torch.compile(fullgraph=True)`` trace the native o
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
