@@ -1,9 +1,18 @@
-// Torch glue for the CUDA attention kernel: strides, split workspace, dtype dispatch, launch.
+// Torch glue for the CUDA attention kernels: strides, split workspace, kernel choice, dtype dispatch, launch.
+//
+// Kernel choice: fp32 always runs the CUDA-core kernel (attention_kernels.cuh). fp16 / bf16 run it too, unless
+// the environment variable DDPM_FAST_CUDA_ATTENTION is "mma" when this library makes its first attention call
+// (read once) and the GPU is sm_80 or newer: then they run the tensor-core kernel (attention_mma_kernels.cuh),
+// which has not run on a GPU yet. python/ddpm_fast/ops.py reads the same variable (once, at import) to send
+// half-precision attention to this op instead of SDPA.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "checks.h"
 #include "cuda/attention_kernels.cuh"
+#include "cuda/attention_mma_kernels.cuh"
 #include "cuda/cuda_glue.h"
 
 namespace {
@@ -24,6 +33,14 @@ struct Strides3 {
 Strides3 bhs_strides(const Tensor& t) {
   if (t.dim() == 3) return {t.stride(0), 0, t.stride(1)};
   return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+bool mma_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("DDPM_FAST_CUDA_ATTENTION");
+    return v != nullptr && std::strcmp(v, "mma") == 0;
+  }();
+  return on;
 }
 
 Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, std::optional<double> scale) {
@@ -67,8 +84,18 @@ Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in
     return dk::is_aligned(t.const_data_ptr(), 16) && s.b % vec == 0 && s.h % vec == 0 && s.s % vec == 0;
   };
   a.vec_ok = D % vec == 0 && Dv % vec == 0 && vec_tensor(q, qs) && vec_tensor(k, ks) && vec_tensor(v, vs);
-  dk::attn_plan(a, dk::device_attribute(cudaDevAttrMultiProcessorCount, dev, 80));
-  const size_t smem = dk::attn_smem_bytes(a.ld);
+  const ddpm_fast::DType kdt = ddpm_fast::kernel_dtype(st, "attention", "q");
+  const int sms = dk::device_attribute(cudaDevAttrMultiProcessorCount, dev, 80);
+  const bool mma = kdt != ddpm_fast::DType::F32 && mma_requested() &&
+                   dk::device_attribute(cudaDevAttrComputeCapabilityMajor, dev, 0) >= 8;
+  if (mma) {
+    dk::attn_mma_plan(a, sms, dk::device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev, 0));
+    if (static_cast<int64_t>(a.q_tiles) * a.BH > INT32_MAX)
+      ddpm_fast::fail(ddpm_fast::str("attention (CUDA): B*H = ", B * H, " with L = ", L, " is too large"));
+  } else {
+    dk::attn_plan(a, sms);
+  }
+  const size_t smem = mma ? dk::attn_mma_smem_bytes(a) : dk::attn_smem_bytes(a.ld);
   const size_t smem_max = dk::device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev, 48 * 1024);
   if (smem > smem_max)
     ddpm_fast::fail(ddpm_fast::str("attention (CUDA): head dims ", D, "/", Dv, " need ", smem,
@@ -87,10 +114,14 @@ Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in
 
   auto stream = static_cast<cudaStream_t>(ddpm_fast::current_cuda_stream(dev));
   cudaError_t err = cudaSuccess;
-  switch (ddpm_fast::kernel_dtype(st, "attention", "q")) {
+  switch (kdt) {
     case ddpm_fast::DType::F32: err = dk::launch_attention<float>(a, stream); break;
-    case ddpm_fast::DType::F16: err = dk::launch_attention<__half>(a, stream); break;
-    case ddpm_fast::DType::BF16: err = dk::launch_attention<__nv_bfloat16>(a, stream); break;
+    case ddpm_fast::DType::F16:
+      err = mma ? dk::launch_attention_mma<__half>(a, stream) : dk::launch_attention<__half>(a, stream);
+      break;
+    case ddpm_fast::DType::BF16:
+      err = mma ? dk::launch_attention_mma<__nv_bfloat16>(a, stream) : dk::launch_attention<__nv_bfloat16>(a, stream);
+      break;
   }
   ddpm_fast::check_launch("attention", err != cudaSuccess ? err : cudaGetLastError());
   return out;

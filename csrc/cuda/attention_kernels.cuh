@@ -5,7 +5,8 @@
 // Q and the current K (then V) tile sit in shared memory as fp32 (rows padded so float4 reads are
 // conflict-free); lane j of a warp scores key j against the warp's 4 rows, an online softmax keeps the
 // running max / sum in registers, and each lane accumulates a float4 column strip of O (up to 512 columns =
-// 4 strips of 128). Everything is on CUDA cores (correctness first; no tensor cores).
+// 4 strips of 128). Everything is on CUDA cores: fp32 always takes it; fp16 / bf16 take the tensor-core kernel of
+// attention_mma_kernels.cuh instead when DDPM_FAST_CUDA_ATTENTION=mma (attention.cu).
 // When (query tiles x B*H) cannot fill the GPU (batch 1, S = 256) the keys are split across `splits` blocks
 // which write unnormalized partial O plus (max, sum) and a second kernel merges them.
 #pragma once
@@ -42,6 +43,8 @@ struct AttnArgs {
   bool vec_ok;        // 16-byte global loads allowed (q, k, v)
   float* part_o;      // (splits, BH, L, Dv) when splits > 1
   float* part_ml;     // (splits, BH, L, 2): running max and sum
+  // The tensor-core kernel (attention_mma_kernels.cuh, attn_mma_plan) reads Dp as D rounded up to 16 and ld as
+  // its Q/K tile row width (D rounded up to 64, in elements), and writes part_o / part_ml in the same layout.
 };
 
 // Copy rows [row0, row0 + nrows) (nrows <= 32), columns [0, ncols) of one (seq, ncols) matrix into a 32 x ld fp32
@@ -265,6 +268,8 @@ inline void attn_plan(AttnArgs& a, int sm_count) {
   a.splits = static_cast<int>(ceil_div(a.kv_tiles, a.tiles_per_split));
 }
 
+// (csrc/cuda/emu/ compiles the kernels above on the host, where <<<...>>> does not parse.)
+#if !defined(DDPM_FAST_MMA_EMULATOR)
 template <typename T, int MAXC>
 cudaError_t launch_attention_impl(const AttnArgs& a, cudaStream_t stream) {
   const size_t smem = attn_smem_bytes(a.ld);
@@ -290,6 +295,7 @@ cudaError_t launch_attention(const AttnArgs& a, cudaStream_t stream) {
   if (a.Dv <= 256) return launch_attention_impl<T, 2>(a, stream);
   return launch_attention_impl<T, 4>(a, stream);
 }
+#endif  // !DDPM_FAST_MMA_EMULATOR
 
 }  // namespace cuda
 }  // namespace ddpm_fast

@@ -50,12 +50,19 @@ inline bool is_aligned(const void* p, size_t bytes) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Cached integer device attribute (multiprocessor count, shared-memory opt-in limit). A query is not a stream
-// operation, so it is safe during graph capture; on failure the error is cleared and `fallback` returned.
+// Cached integer device attribute (multiprocessor count, shared-memory limits, compute capability). A query is
+// not a stream operation, so it is safe during graph capture; on failure the error is cleared and `fallback`
+// returned. Other attributes are queried each time.
 inline int device_attribute(cudaDeviceAttr attr, int device, int fallback) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[2][kMaxDevices] = {};
-  const int slot = attr == cudaDevAttrMultiProcessorCount ? 0 : (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 1 : -1);
+  constexpr cudaDeviceAttr kCached[] = {cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                        cudaDevAttrComputeCapabilityMajor};
+  constexpr int kSlots = sizeof(kCached) / sizeof(kCached[0]);
+  static std::atomic<int> cache[kSlots][kMaxDevices] = {};
+  int slot = -1;
+  for (int i = 0; i < kSlots; ++i)
+    if (attr == kCached[i]) slot = i;
   const bool cacheable = slot >= 0 && device >= 0 && device < kMaxDevices;
   if (cacheable) {
     const int v = cache[slot][device].load(std::memory_order_relaxed);
