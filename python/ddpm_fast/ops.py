@@ -9,6 +9,8 @@ kernels registered here let ``torch.compile(fullgraph=True)`` trace the native o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,10 @@ CPU_ATTENTION_MIN_KEYS = 128
 # shapes, B*H*L*S*D = 2**24-2**25) and loses at batch 8 (2**28) and in half precision
 # (bench/results/nvidia-h200/kernels.json). Above this size, or in fp16/bf16, attention goes to SDPA.
 CUDA_ATTENTION_MAX_WORK = 2**26
+# DDPM_FAST_CUDA_ATTENTION=mma (read once, here at import; the CUDA library reads it once too) turns on the
+# tensor-core kernel for fp16/bf16 (csrc/cuda/attention_mma_kernels.cuh) and sends every half-precision CUDA call
+# up to the head-dim limit to it instead of SDPA. Off by default: that kernel has not run on a GPU yet.
+CUDA_ATTENTION_MMA = os.environ.get("DDPM_FAST_CUDA_ATTENTION", "") == "mma"
 
 
 class ArgumentError(ValueError, TypeError):
@@ -137,19 +143,19 @@ def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
 
 def _attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The routing rule: the native kernel, or PyTorch's SDPA where that is as fast or faster (short CPU key
-    sequences; CUDA half precision and large problems) or the kernel has no variant (CUDA head dims above its
-    limit, read from the extension)."""
+    sequences; CUDA half precision unless CUDA_ATTENTION_MMA, and large fp32 problems) or the kernel has no
+    variant (CUDA head dims above its limit, read from the extension)."""
     if min(q.dim(), k.dim(), v.dim()) < 2:
         return True  # let the kernel refuse it
     if q.device.type == "cpu":
         return k.shape[-2] >= CPU_ATTENTION_MIN_KEYS
     if q.device.type == "cuda":
         head_dim = max(q.shape[-1], v.shape[-1])
-        return (
-            q.dtype == torch.float32
-            and head_dim <= _native.limits()["cuda_attention_max_head_dim"]
-            and q.numel() // max(q.shape[-1], 1) * k.shape[-2] * head_dim <= CUDA_ATTENTION_MAX_WORK
-        )
+        if head_dim > _native.limits()["cuda_attention_max_head_dim"]:
+            return False
+        if q.dtype != torch.float32:
+            return CUDA_ATTENTION_MMA
+        return q.numel() // max(q.shape[-1], 1) * k.shape[-2] * head_dim <= CUDA_ATTENTION_MAX_WORK
     return True
 
 
