@@ -9,10 +9,17 @@
 # `timeout` and gets at most what is left, a failing step never stops the later ones, and progress is printed as it
 # goes. Written under OUT_DIR:
 #   env.txt build.log bad_input.log tests.log kernels.{log,json} unet.{log,json} sample.{log,json}
-#   unet_compile.{log,json} summary.md
+#   tests_attention_mma.log kernels_attention_mma.{log,json} unet_compile.{log,json} summary.md
+# The opt-in tensor-core attention (DDPM_FAST_CUDA_ATTENTION=mma, csrc/cuda/attention_mma_kernels.cuh, never run on a
+# GPU before): after the sampling benchmark, the attention tests of tests/test_ops_cuda.py run again with the variable
+# set (every fp16/bf16 raw-op case then goes through that kernel) and the attention rows of the kernel benchmark are
+# timed again with it (kernels_attention_mma.json, next to kernels.json's CUDA-core / SDPA figures), so that the next
+# session can decide whether it becomes the default. It comes before the torch.compile step because that one takes
+# whatever time is left; GPU_CHECK_MMA=0 skips it. Its failures are reported, not counted in the exit status (the
+# default paths do not use that kernel).
 # Per-step limits (seconds) and arguments can be overridden from the environment: GPU_CHECK_T_BUILD, _T_TESTS,
-# _T_OTHER_TESTS, _T_KERNELS, _T_UNET, _T_SAMPLE, _T_COMPILE, and GPU_CHECK_KERNELS_ARGS, _UNET_ARGS, _SAMPLE_ARGS,
-# _COMPILE_ARGS (replace the defaults below).
+# _T_OTHER_TESTS, _T_KERNELS, _T_UNET, _T_SAMPLE, _T_MMA_TESTS, _T_MMA_KERNELS, _T_COMPILE, and
+# GPU_CHECK_KERNELS_ARGS, _UNET_ARGS, _SAMPLE_ARGS, _MMA_KERNELS_ARGS, _COMPILE_ARGS (replace the defaults below).
 # Exit status: 0 when the build succeeded and every test passed, 1 otherwise (benchmark figures never fail it).
 set -u
 
@@ -64,7 +71,7 @@ bench_step() {
 
 build_status="not run"; import_status="not run"; bad_input_status="not run"; tests_status="not run"
 other_tests_status="not run"; kernels_status="not run"; unet_status="not run"; sample_status="not run"
-compile_status="not run"; fail=0
+mma_tests_status="not run"; mma_kernels_status="not run"; compile_status="not run"; fail=0
 
 # ---------------------------------------------------------------------------------------------------- 1. build
 {
@@ -144,9 +151,10 @@ fi
 run_tests() {  # label, wanted seconds, pytest args...  (--maxfail, not -x: one run shows every broken case)
   local label=$1 want=$2; shift 2
   local t; t=$(allow "$want")
-  if [ "$t" -lt 20 ]; then echo "===== $label: skipped (no time left)" >>"$OUT/tests.log"; return 3; fi
-  echo "===== $label: $PY -m pytest $*" >>"$OUT/tests.log"
-  timeout "$t" "$PY" -m pytest -q -rfE --tb=short --maxfail=30 -p no:cacheprovider "$@" >>"$OUT/tests.log" 2>&1
+  local logf=${TESTS_LOG:-$OUT/tests.log}
+  if [ "$t" -lt 20 ]; then echo "===== $label: skipped (no time left)" >>"$logf"; return 3; fi
+  echo "===== $label: $PY -m pytest $*" >>"$logf"
+  timeout "$t" "$PY" -m pytest -q -rfE --tb=short --maxfail=30 -p no:cacheprovider "$@" >>"$logf" 2>&1
 }
 : >"$OUT/tests.log"
 if [ "$built" = 1 ]; then
@@ -190,6 +198,7 @@ KERNELS_ARGS=${GPU_CHECK_KERNELS_ARGS:-"--rounds 5 --min-time 0.005"}
 UNET_ARGS=${GPU_CHECK_UNET_ARGS:-"--dtypes fp16 --configs cifar10-32:1,cifar10-32:64,256px:8 --variants diffusers_eager,diffusers_channels_last,ddpm_fast --rounds 7 --timeout 60"}
 SAMPLE_ARGS=${GPU_CHECK_SAMPLE_ARGS:-"--dtypes fp16 --configs cifar10-32:1,cifar10-32:64,256px:8 --variants diffusers_eager,ddpm_fast_nograph,ddpm_fast --rounds 3 --timeout 60"}
 COMPILE_ARGS=${GPU_CHECK_COMPILE_ARGS:-"--dtypes fp16 --configs 256px:8 --variants diffusers_eager,ddpm_fast,diffusers_compile_max_autotune --rounds 5"}
+MMA_KERNELS_ARGS=${GPU_CHECK_MMA_KERNELS_ARGS:-"--dtypes fp16,bf16 --rounds 5 --min-time 0.005"}
 if [ "$built" = 1 ]; then
   # shellcheck disable=SC2086
   bench_step "kernel benchmark" "${GPU_CHECK_T_KERNELS:-110}" kernels kernels --device cuda $KERNELS_ARGS
@@ -200,6 +209,34 @@ if [ "$built" = 1 ]; then
   # shellcheck disable=SC2086
   bench_step "sampling benchmark" "${GPU_CHECK_T_SAMPLE:-60}" sample sample --device cuda $SAMPLE_ARGS
   sample_status=$bench_status
+
+  # The opt-in tensor-core attention: its tests, then the attention rows, with DDPM_FAST_CUDA_ATTENTION=mma (read
+  # once per process by ddpm_fast.ops and by the CUDA library, so both run in fresh processes). The mma-specific
+  # tests start their own children and already ran above; the rest of the attention tests (and the graph capture)
+  # now go through that kernel for every fp16/bf16 call of the raw op.
+  if [ "${GPU_CHECK_MMA:-1}" = 1 ]; then
+    log "attention tests with DDPM_FAST_CUDA_ATTENTION=mma (log: tests_attention_mma.log)"
+    : >"$OUT/tests_attention_mma.log"
+    export DDPM_FAST_CUDA_ATTENTION=mma
+    TESTS_LOG="$OUT/tests_attention_mma.log" run_tests "attention tests, DDPM_FAST_CUDA_ATTENTION=mma" \
+      "${GPU_CHECK_T_MMA_TESTS:-60}" tests/test_ops_cuda.py -k "(attention or capture) and not mma_ and not variable"
+    rc=$?
+    line=$(grep -E "(passed|failed|error|skipped|deselected)" "$OUT/tests_attention_mma.log" | tail -1)
+    case $rc in
+      0) mma_tests_status="ok: $line" ;;
+      3) mma_tests_status="skipped (no time left)" ;;
+      *) mma_tests_status="$(status_of $rc 0 | sed 's/ (0 s)//'): $line"
+         grep -E "^(FAILED|ERROR)" "$OUT/tests_attention_mma.log" | head -20 ;;
+    esac
+    log "attention tests (mma): $mma_tests_status"
+    # shellcheck disable=SC2086
+    bench_step "attention benchmark, DDPM_FAST_CUDA_ATTENTION=mma" "${GPU_CHECK_T_MMA_KERNELS:-50}" \
+      kernels_attention_mma kernels --device cuda --ops attention $MMA_KERNELS_ARGS
+    mma_kernels_status=$bench_status
+    unset DDPM_FAST_CUDA_ATTENTION
+  else
+    mma_tests_status="skipped (GPU_CHECK_MMA=0)"; mma_kernels_status=$mma_tests_status
+  fi
   t=$(allow "${GPU_CHECK_T_COMPILE:-300}")
   # shellcheck disable=SC2086
   bench_step "UNet forward against torch.compile max-autotune" "$t" unet_compile unet --device cuda $COMPILE_ARGS \
@@ -207,7 +244,7 @@ if [ "$built" = 1 ]; then
   compile_status=$bench_status
 else
   kernels_status="skipped (build or import failed)"; unet_status=$kernels_status; sample_status=$kernels_status
-  compile_status=$kernels_status
+  mma_tests_status=$kernels_status; mma_kernels_status=$kernels_status; compile_status=$kernels_status
 fi
 
 # ---------------------------------------------------------------------------------------------------- 4. summary
@@ -224,10 +261,12 @@ fi
   echo "| kernels --device cuda | $kernels_status |"
   echo "| unet --device cuda | $unet_status |"
   echo "| sample --device cuda | $sample_status |"
+  echo "| attention tests, DDPM_FAST_CUDA_ATTENTION=mma (not in the exit status) | $mma_tests_status |"
+  echo "| kernels --ops attention, DDPM_FAST_CUDA_ATTENTION=mma | $mma_kernels_status |"
   echo "| unet vs torch.compile max-autotune | $compile_status |"
   echo "| total time | $(elapsed) s |"
   files=()
-  for f in kernels unet sample unet_compile; do [ -s "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
+  for f in kernels kernels_attention_mma unet sample unet_compile; do [ -s "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
   if [ "${#files[@]}" -gt 0 ]; then
     echo
     (cd /tmp && timeout 30 "$PY" -m ddpm_fast.bench summary "${files[@]}" 2>&1)

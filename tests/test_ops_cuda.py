@@ -328,221 +328,6 @@ def test_attention_opcheck():
     _opcheck(OPS.attention.default, (q.half(), k.half(), v.half(), 0.5))
 
 
-# ------------------------------------------------------------------------------------------------ attention (mma)
-# The tensor-core kernel for fp16/bf16 (csrc/cuda/attention_mma_kernels.cuh) runs only when DDPM_FAST_CUDA_ATTENTION
-# is "mma", and both the CUDA library (at its first attention call) and ddpm_fast.ops (at import) read the variable
-# once per process. So every case here runs in a child process started with the variable set (one child for all of
-# them; per-case results come back as JSON), and the routing without it in a child started without it. Under
-# DDPM_FAST_CUDA_ATTENTION=mma (bench/gpu_check.sh runs the attention tests that way too) the tests above exercise the
-# same kernel in this process.
-
-MMA_ENV = "DDPM_FAST_CUDA_ATTENTION"
-_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-# (B, H, L, S, D, Dv, layout): odd L and S (1, 7, 83, 257: masking, a last key tile of one key, key splits), the
-# UNets' head dims (256 at cifar10-32, 512 at 256 px) and D != Dv (a second Dv chunk past 256), batch/heads 1..8.
-MMA_CASES = [
-    (1, 1, 1, 1, 64, 64, "contiguous"),
-    (1, 1, 7, 7, 40, 40, "contiguous"),
-    (2, 3, 83, 83, 64, 64, "contiguous"),
-    (1, 1, 257, 257, 256, 256, "contiguous"),
-    (1, 1, 256, 256, 512, 512, "contiguous"),  # 256-px UNet, batch 1: split keys, two Dv chunks
-    (8, 1, 256, 256, 512, 512, "unet_views"),  # 256-px UNet, batch 8 (0.18x SDPA on CUDA cores)
-    (4, 1, 256, 256, 256, 256, "unet_views"),  # cifar10-32 UNet
-    (2, 1, 16, 16, 512, 512, "unet_views"),  # 256-px mid block (4x4)
-    (4, 2, 83, 257, 64, 40, "contiguous"),
-    (1, 8, 7, 83, 40, 256, "contiguous"),
-    (2, 1, 257, 7, 512, 64, "contiguous"),
-    (3, 1, 83, 83, 256, 512, "contiguous"),
-    (1, 2, 83, 257, 512, 40, "contiguous"),
-    (2, 2, 64, 64, 64, 64, "transposed_k"),  # last-dim stride != 1: copied by the glue
-    (1, 1, 83, 83, 64, 64, "unaligned"),  # storage offset 1: element loads instead of cp.async
-    (3, 1, 20, 20, 40, 40, "3d"),
-    (1, 2, 20, 33, 7, 9, "contiguous"),  # odd head dims: element loads
-]
-MMA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _mma_id(case) -> str:
-    B, H, L, S, D, Dv, layout = case
-    return f"{B}x{H}-L{L}-S{S}-D{D}-Dv{Dv}-{layout}"
-
-
-def _mma_operands(case, dtype, seed):
-    B, H, L, S, D, Dv, layout = case
-    if layout == "unet_views":  # one (B, S, 3HD) projection split into three (B, H, S, D) views, as the UNet does
-        assert L == S and D == Dv
-        packed = _randn((B, S, 3 * H * D), seed, dtype)
-        q, k, v = (t.view(B, S, H, D).transpose(1, 2) for t in packed.split(H * D, dim=-1))
-        assert not q.is_contiguous() and q.stride(-1) == 1
-        return q, k, v
-    if layout == "3d":
-        assert H == 1
-        return _randn((B, L, D), seed, dtype), _randn((B, S, D), seed + 1, dtype), _randn((B, S, Dv), seed + 2, dtype)
-    q = _randn((B, H, L, D), seed, dtype)
-    k = _randn((B, H, S, D), seed + 1, dtype)
-    v = _randn((B, H, S, Dv), seed + 2, dtype)
-    if layout == "transposed_k":
-        k = _randn((B, H, D, S), seed + 1, dtype).transpose(-1, -2)
-    elif layout == "unaligned":
-        buf = _randn((q.numel() + 1,), seed + 3, dtype)
-        q = buf[1:].view(q.shape)
-    return q, k, v
-
-
-def _cuda_kernel_names(fn) -> list[str] | None:
-    """Names of ddpm_fast's CUDA kernels ``fn`` launches (torch.profiler), or None where the profiler records none."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    # Kernel events carry the demangled kernel name ("void ddpm_fast::cuda::attention_mma_kernel<__half, 64>(...)");
-    # the op's own CPU event is "ddpm_fast::attention".
-    names = sorted({e.name for e in prof.events() if "::cuda::" in e.name})
-    return names or None
-
-
-def _mma_job(job: str) -> None:
-    """Child-process side: run one job and print its results as one JSON line (``MMA_RESULT {...}``)."""
-    from ddpm_fast import ops
-
-    out: dict = {"env": os.environ.get(MMA_ENV), "ops_flag": getattr(ops, "CUDA_ATTENTION_MMA", None)}
-    fp16 = [_randn((1, 1, 64, 64), 900 + i, torch.float16) for i in range(3)]
-    out["kernels_fp16"] = _cuda_kernel_names(lambda: OPS.attention(*fp16, None))
-    out["kernels_fp32"] = _cuda_kernel_names(lambda: OPS.attention(*(t.float() for t in fp16), None))
-    out["wrapper_sdpa"] = {}
-    for name, dtype in (*MMA_DTYPES.items(), ("fp32", torch.float32)):
-        # fp32 at the 256-px batch-8 size: above CUDA_ATTENTION_MAX_WORK, SDPA with or without the variable.
-        shape = (1, 1, 256, 512) if dtype != torch.float32 else (8, 1, 256, 512)
-        q, k, v = (_randn(shape, 910 + i, dtype) for i in range(3))
-        out["wrapper_sdpa"][name] = _calls_sdpa(lambda: ops.attention(q, k, v))
-    if job == "cases":
-        out["cases"] = {}
-        for i, case in enumerate(MMA_CASES):
-            for name, dtype in MMA_DTYPES.items():
-                key = f"{_mma_id(case)}-{name}"
-                try:
-                    q, k, v = _mma_operands(case, dtype, 1000 + 10 * i)
-                    for scale in (None, 0.3) if i % 3 == 0 else (None,):
-                        ours = OPS.attention(q, k, v, scale)
-                        theirs = F.scaled_dot_product_attention(q, k, v, scale=scale)
-                        _assert_close_rule(ours, theirs, _attn_ref64(q, k, v, scale), dtype, f"{key} scale={scale}")
-                    out["cases"][key] = "ok"
-                except Exception as exc:  # every case reports; the parent test names the failing ones
-                    out["cases"][key] = f"{type(exc).__name__}: {exc}"[:1500]
-        out["graph"] = {}
-        for name, dtype in MMA_DTYPES.items():
-            for shape in ((1, 1, 256, 512), (8, 1, 256, 512)):  # with and without key splits
-                key = f"{name}-{'x'.join(map(str, shape))}"
-                try:
-                    _mma_graph_check(ops, shape, dtype)
-                    out["graph"][key] = "ok"
-                except Exception as exc:
-                    out["graph"][key] = f"{type(exc).__name__}: {exc}"[:1500]
-    print("MMA_RESULT " + json.dumps(out), flush=True)
-
-
-def _calls_sdpa(fn) -> bool:
-    from torch.overrides import TorchFunctionMode
-
-    class Sees(TorchFunctionMode):
-        called = False
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.scaled_dot_product_attention:
-                self.called = True
-            return func(*args, **(kwargs or {}))
-
-    with Sees() as seen:
-        fn()
-    return seen.called
-
-
-def _mma_graph_check(ops, shape, dtype) -> None:
-    """ops.attention (native under the variable) captured in a CUDA graph: the replay follows an in-place change of
-    q and matches the eager call bit for bit (the kernel is deterministic; the split workspace comes from the
-    graph's pool)."""
-    q, k, v = (_randn(shape, 950 + i, dtype) for i in range(3))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ops.attention(q, k, v)  # warm-up on the capture stream
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = ops.attention(q, k, v)
-    q.mul_(-0.5)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(captured, ops.attention(q, k, v), atol=0, rtol=0)
-    _assert_close_rule(
-        captured, F.scaled_dot_product_attention(q, k, v), _attn_ref64(q, k, v, None), dtype, f"graph {shape}"
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _mma_child(job: str, env_value: str | None) -> dict:
-    """Run ``_mma_job(job)`` in a fresh interpreter with DDPM_FAST_CUDA_ATTENTION set to ``env_value`` (None:
-    unset); its parsed results."""
-    env = dict(os.environ)
-    env.pop(MMA_ENV, None)
-    if env_value is not None:
-        env[MMA_ENV] = env_value
-    code = f"import sys; sys.path.insert(0, {_TESTS_DIR!r}); import test_ops_cuda as t; t._mma_job({job!r})"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MMA_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"child process ({MMA_ENV}={env_value}) failed, rc={proc.returncode}: {proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("MMA_RESULT ") :])
-
-
-@pytest.mark.parametrize("dtype_name", list(MMA_DTYPES))
-@pytest.mark.parametrize("case", MMA_CASES, ids=_mma_id)
-def test_attention_mma_matches_reference(case, dtype_name):
-    result = _mma_child("cases", "mma")["cases"][f"{_mma_id(case)}-{dtype_name}"]
-    assert result == "ok", result
-
-
-def test_attention_mma_runs_the_tensor_core_kernel_for_half_only():
-    res = _mma_child("cases", "mma")
-    assert res["env"] == "mma" and res["ops_flag"] is True, res
-    if res["kernels_fp16"] is None or res["kernels_fp32"] is None:
-        pytest.skip("torch.profiler recorded no CUDA kernels on this machine")
-    assert any("attention_mma_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
-    assert not any("attention_mma_kernel" in n for n in res["kernels_fp32"]), res["kernels_fp32"]
-    assert any("attention_kernel" in n for n in res["kernels_fp32"]), res["kernels_fp32"]
-
-
-def test_attention_mma_wrapper_routes_half_to_the_kernel():
-    res = _mma_child("cases", "mma")
-    assert res["wrapper_sdpa"] == {"fp16": False, "bf16": False, "fp32": True}, res["wrapper_sdpa"]
-
-
-@pytest.mark.parametrize("key", ["fp16-1x1x256x512", "fp16-8x1x256x512", "bf16-1x1x256x512", "bf16-8x1x256x512"])
-def test_attention_mma_in_a_cuda_graph(key):
-    result = _mma_child("cases", "mma")["graph"][key]
-    assert result == "ok", result
-
-
-def test_attention_without_the_variable_routes_half_precision_to_sdpa():
-    res = _mma_child("routing", None)
-    assert res["env"] is None and res["ops_flag"] is False, res
-    assert res["wrapper_sdpa"] == {"fp16": True, "bf16": True, "fp32": True}, res["wrapper_sdpa"]
-    if res["kernels_fp16"] is not None:  # the raw op in half precision runs the CUDA-core kernel
-        assert not any("attention_mma_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
-        assert any("attention_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
-
-
-def test_attention_other_values_of_the_variable_leave_the_kernel_off():
-    res = _mma_child("routing", "MMA")
-    assert res["ops_flag"] is False and res["wrapper_sdpa"]["fp16"] is True, res
-    if res["kernels_fp16"] is not None:
-        assert not any("attention_mma_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
-
-
 # ------------------------------------------------------------------------------------------------ scheduler_step
 
 COEFS = dict(a_x=1.0 / 0.8, a_e=-0.6 / 0.8, c0=0.7, c1=0.25, c2=0.0, noise_scale=0.1)
@@ -775,3 +560,212 @@ def test_attention_wrapper_falls_back_above_head_dim_512():
     assert _native.limits()["cuda_attention_max_head_dim"] == 512
     q, k, v = (_randn((1, 1, 8, 520), 80 + i) for i in range(3))
     torch.testing.assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+# ------------------------------------------------------------------------------------------------ attention (mma)
+# The tensor-core kernel for fp16/bf16 (csrc/cuda/attention_mma_kernels.cuh) runs only when DDPM_FAST_CUDA_ATTENTION
+# is "mma", and both the CUDA library (at its first attention call) and ddpm_fast.ops (at import) read the variable
+# once per process. So every case here runs in a child process started with the variable set (one child for all of
+# them; per-case results come back as JSON), and the routing without it in a child started without it. Under
+# DDPM_FAST_CUDA_ATTENTION=mma (bench/gpu_check.sh runs the attention tests that way too) the attention tests above
+# exercise the same kernel in this process. Last in the module: a child that hangs or faults on the GPU costs only its
+# own tests, after every other test has run.
+
+MMA_ENV = "DDPM_FAST_CUDA_ATTENTION"
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# (B, H, L, S, D, Dv, layout): odd L and S (1, 7, 83, 257: masking, a last key tile of one key, key splits), the
+# UNets' head dims (256 at cifar10-32, 512 at 256 px) and D != Dv (a second Dv chunk past 256), batch/heads 1..8.
+MMA_CASES = [
+    (1, 1, 1, 1, 64, 64, "contiguous"),
+    (1, 1, 7, 7, 40, 40, "contiguous"),
+    (2, 3, 83, 83, 64, 64, "contiguous"),
+    (1, 1, 257, 257, 256, 256, "contiguous"),
+    (1, 1, 256, 256, 512, 512, "contiguous"),  # 256-px UNet, batch 1: split keys, two Dv chunks
+    (8, 1, 256, 256, 512, 512, "unet_views"),  # 256-px UNet, batch 8 (0.18x SDPA on CUDA cores)
+    (4, 1, 256, 256, 256, 256, "unet_views"),  # cifar10-32 UNet
+    (2, 1, 16, 16, 512, 512, "unet_views"),  # 256-px mid block (4x4)
+    (4, 2, 83, 257, 64, 40, "contiguous"),
+    (1, 8, 7, 83, 40, 256, "contiguous"),
+    (2, 1, 257, 7, 512, 64, "contiguous"),
+    (3, 1, 83, 83, 256, 512, "contiguous"),
+    (1, 2, 83, 257, 512, 40, "contiguous"),
+    (2, 2, 64, 64, 64, 64, "transposed_k"),  # last-dim stride != 1: copied by the glue
+    (1, 1, 83, 83, 64, 64, "unaligned"),  # storage offset 1: element loads instead of cp.async
+    (3, 1, 20, 20, 40, 40, "3d"),
+    (1, 2, 20, 33, 7, 9, "contiguous"),  # odd head dims: element loads
+]
+MMA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mma_id(case) -> str:
+    B, H, L, S, D, Dv, layout = case
+    return f"{B}x{H}-L{L}-S{S}-D{D}-Dv{Dv}-{layout}"
+
+
+def _mma_operands(case, dtype, seed):
+    B, H, L, S, D, Dv, layout = case
+    if layout == "unet_views":  # one (B, S, 3HD) projection split into three (B, H, S, D) views, as the UNet does
+        assert L == S and D == Dv
+        packed = _randn((B, S, 3 * H * D), seed, dtype)
+        q, k, v = (t.view(B, S, H, D).transpose(1, 2) for t in packed.split(H * D, dim=-1))
+        assert not q.is_contiguous() and q.stride(-1) == 1
+        return q, k, v
+    if layout == "3d":
+        assert H == 1
+        return _randn((B, L, D), seed, dtype), _randn((B, S, D), seed + 1, dtype), _randn((B, S, Dv), seed + 2, dtype)
+    q = _randn((B, H, L, D), seed, dtype)
+    k = _randn((B, H, S, D), seed + 1, dtype)
+    v = _randn((B, H, S, Dv), seed + 2, dtype)
+    if layout == "transposed_k":
+        k = _randn((B, H, D, S), seed + 1, dtype).transpose(-1, -2)
+    elif layout == "unaligned":
+        buf = _randn((q.numel() + 1,), seed + 3, dtype)
+        q = buf[1:].view(q.shape)
+    return q, k, v
+
+
+def _cuda_kernel_names(fn) -> list[str] | None:
+    """Names of ddpm_fast's CUDA kernels ``fn`` launches (torch.profiler), or None where the profiler records none."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    # Kernel events carry the demangled kernel name ("void ddpm_fast::cuda::attention_mma_kernel<__half, 64>(...)");
+    # the op's own CPU event is "ddpm_fast::attention".
+    names = sorted({e.name for e in prof.events() if "::cuda::" in e.name})
+    return names or None
+
+
+def _mma_job(job: str) -> None:
+    """Child-process side: run one job and print its results as one JSON line (``MMA_RESULT {...}``)."""
+    from ddpm_fast import ops
+
+    out: dict = {"env": os.environ.get(MMA_ENV), "ops_flag": getattr(ops, "CUDA_ATTENTION_MMA", None)}
+    fp16 = [_randn((1, 1, 64, 64), 900 + i, torch.float16) for i in range(3)]
+    out["kernels_fp16"] = _cuda_kernel_names(lambda: OPS.attention(*fp16, None))
+    out["kernels_fp32"] = _cuda_kernel_names(lambda: OPS.attention(*(t.float() for t in fp16), None))
+    out["wrapper_sdpa"] = {}
+    for name, dtype in (*MMA_DTYPES.items(), ("fp32", torch.float32)):
+        # fp32 at the 256-px batch-8 size: above CUDA_ATTENTION_MAX_WORK, SDPA with or without the variable.
+        shape = (1, 1, 256, 512) if dtype != torch.float32 else (8, 1, 256, 512)
+        q, k, v = (_randn(shape, 910 + i, dtype) for i in range(3))
+        out["wrapper_sdpa"][name] = _calls_sdpa(lambda: ops.attention(q, k, v))
+    if job == "cases":
+        out["cases"] = {}
+        for i, case in enumerate(MMA_CASES):
+            for name, dtype in MMA_DTYPES.items():
+                key = f"{_mma_id(case)}-{name}"
+                try:
+                    q, k, v = _mma_operands(case, dtype, 1000 + 10 * i)
+                    for scale in (None, 0.3) if i % 3 == 0 else (None,):
+                        ours = OPS.attention(q, k, v, scale)
+                        theirs = F.scaled_dot_product_attention(q, k, v, scale=scale)
+                        _assert_close_rule(ours, theirs, _attn_ref64(q, k, v, scale), dtype, f"{key} scale={scale}")
+                    out["cases"][key] = "ok"
+                except Exception as exc:  # every case reports; the parent test names the failing ones
+                    out["cases"][key] = f"{type(exc).__name__}: {exc}"[:1500]
+        out["graph"] = {}
+        for name, dtype in MMA_DTYPES.items():
+            for shape in ((1, 1, 256, 512), (8, 1, 256, 512)):  # with and without key splits
+                key = f"{name}-{'x'.join(map(str, shape))}"
+                try:
+                    _mma_graph_check(ops, shape, dtype)
+                    out["graph"][key] = "ok"
+                except Exception as exc:
+                    out["graph"][key] = f"{type(exc).__name__}: {exc}"[:1500]
+    print("MMA_RESULT " + json.dumps(out), flush=True)
+
+
+def _calls_sdpa(fn) -> bool:
+    from torch.overrides import TorchFunctionMode
+
+    class Sees(TorchFunctionMode):
+        called = False
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                self.called = True
+            return func(*args, **(kwargs or {}))
+
+    with Sees() as seen:
+        fn()
+    return seen.called
+
+
+def _mma_graph_check(ops, shape, dtype) -> None:
+    """ops.attention (native under the variable) captured in a CUDA graph: the replay follows an in-place change of
+    q and matches the eager call bit for bit (the kernel is deterministic; the split workspace comes from the
+    graph's pool)."""
+    q, k, v = (_randn(shape, 950 + i, dtype) for i in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.attention(q, k, v)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.attention(q, k, v)
+    q.mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, ops.attention(q, k, v), atol=0, rtol=0)
+    _assert_close_rule(
+        captured, F.scaled_dot_product_attention(q, k, v), _attn_ref64(q, k, v, None), dtype, f"graph {shape}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_child(job: str, env_value: str | None) -> dict:
+    """Run ``_mma_job(job)`` in a fresh interpreter with DDPM_FAST_CUDA_ATTENTION set to ``env_value`` (None:
+    unset); its parsed results."""
+    env = dict(os.environ)
+    env.pop(MMA_ENV, None)
+    if env_value is not None:
+        env[MMA_ENV] = env_value
+    code = f"import sys; sys.path.insert(0, {_TESTS_DIR!r}); import test_ops_cuda as t; t._mma_job({job!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MMA_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"child process ({MMA_ENV}={env_value}) failed, rc={proc.returncode}: {proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("MMA_RESULT ") :])
+
+
+@pytest.mark.parametrize("dtype_name", list(MMA_DTYPES))
+@pytest.mark.parametrize("case", MMA_CASES, ids=_mma_id)
+def test_attention_mma_matches_reference(case, dtype_name):
+    result = _mma_child("cases", "mma")["cases"][f"{_mma_id(case)}-{dtype_name}"]
+    assert result == "ok", result
+
+
+def test_attention_mma_runs_the_tensor_core_kernel_for_half_only():
+    res = _mma_child("cases", "mma")
+    assert res["env"] == "mma" and res["ops_flag"] is True, res
+    if res["kernels_fp16"] is None or res["kernels_fp32"] is None:
+        pytest.skip("torch.profiler recorded no CUDA kernels on this machine")
+    assert any("attention_mma_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
+    assert not any("attention_mma_kernel" in n for n in res["kernels_fp32"]), res["kernels_fp32"]
+    assert any("attention_kernel" in n for n in res["kernels_fp32"]), res["kernels_fp32"]
+
+
+def test_attention_mma_wrapper_routes_half_to_the_kernel():
+    res = _mma_child("cases", "mma")
+    assert res["wrapper_sdpa"] == {"fp16": False, "bf16": False, "fp32": True}, res["wrapper_sdpa"]
+
+
+@pytest.mark.parametrize("key", ["fp16-1x1x256x512", "fp16-8x1x256x512", "bf16-1x1x256x512", "bf16-8x1x256x512"])
+def test_attention_mma_in_a_cuda_graph(key):
+    result = _mma_child("cases", "mma")["graph"][key]
+    assert result == "ok", result
+
+
+def test_attention_without_the_variable_routes_half_precision_to_sdpa():
+    res = _mma_child("routing", None)
+    assert res["env"] is None and res["ops_flag"] is False, res
+    assert res["wrapper_sdpa"] == {"fp16": True, "bf16": True, "fp32": True}, res["wrapper_sdpa"]
+    if res["kernels_fp16"] is not None:  # the raw op in half precision runs the CUDA-core kernel
+        assert not any("attention_mma_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
+        assert any("attention_kernel" in n for n in res["kernels_fp16"]), res["kernels_fp16"]
