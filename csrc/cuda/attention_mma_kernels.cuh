@@ -21,9 +21,9 @@
 //   - Loads overlap compute: V_t is in flight while S_t is computed, K_{t+1} while P V_t is.
 // Shared memory: (64 + 32) * ld * 2 + 32 * kDvc * 2 bytes, ld = D rounded up to 64: 112 KiB at D = 512 and
 // kDvc = 256 (two blocks per SM on sm_90's 228 KiB, one on sm_80's 164 KiB), 64 KiB at D = Dv = 256.
-// When (query tiles x B*H x chunks) cannot fill the GPU the keys are split across blocks (grid.y) exactly as in
-// attention_kernels.cuh: each writes unnormalised O and (m, l) to the fp32 workspace and
-// attention_combine_kernel merges them.
+// When (query tiles x B*H x chunks) leaves most of the GPU idle the keys are split across blocks (grid.y) exactly
+// as in attention_kernels.cuh: each writes unnormalised O and (m, l) to the fp32 workspace and
+// attention_combine_kernel merges them (the split count comes from a rough cost model, attn_mma_plan).
 #pragma once
 
 #include "attention_kernels.cuh"  // AttnArgs, attention_combine_kernel
@@ -294,9 +294,19 @@ inline size_t attn_mma_smem_bytes(const AttnArgs& a) {
   return (static_cast<size_t>(kMmaBQ + kMmaBK) * a.ld + static_cast<size_t>(kMmaBK) * attn_mma_dv_chunk(a.Dv)) * 2;
 }
 
+// The key-split choice weighs the compute time of each split count against the split's cost (the fp32 partial O
+// written and read back, and the combine launch) with this rough model. Its constants are guesses for an
+// A100 / H100-class GPU, not measurements: the GPU run (bench/gpu_check.sh, kernels_attention_mma.json) is what
+// should tune them. Batch 1 at the UNets' shapes splits 3-4 ways; (8, 1, 256, 512) hardly gains either way.
+constexpr double kMmaBlockFlopsPerSec = 1.5e12;  // one block alone on an SM
+constexpr double kMmaSmFlopsPerSec = 2.4e12;     // an SM running two blocks
+constexpr double kMmaWorkspaceBytesPerSec = 3e12;
+constexpr double kMmaCombineSec = 2e-6;  // the combine kernel's launch and tail
+
 // Fill the layout fields (Dp: D rounded up to 16; ld: Q/K tile row width, D rounded up to 64; Dvp: Dv rounded
 // up to 8, unused) and the split plan. smem_per_sm: the device's shared memory per multiprocessor.
-inline void attn_mma_plan(AttnArgs& a, int sm_count, int smem_per_sm) {
+// force_splits > 0 imposes a split count (at most one per key tile; the CPU model uses it).
+inline void attn_mma_plan(AttnArgs& a, int sm_count, int smem_per_sm, int force_splits = 0) {
   a.Dp = (a.D + 15) / 16 * 16;
   a.ld = (a.Dp + 63) / 64 * 64;
   a.Dvp = (a.Dv + 7) / 8 * 8;
@@ -305,16 +315,44 @@ inline void attn_mma_plan(AttnArgs& a, int sm_count, int smem_per_sm) {
   const int dvc = attn_mma_dv_chunk(a.Dv);
   const int64_t chunks = ceil_div(a.Dv, dvc);
   const int64_t base = static_cast<int64_t>(a.q_tiles) * a.BH * chunks;
-  // Resident blocks per SM, by shared memory (1 KiB of it reserved per block), at most 2 (registers: up to
-  // ~200 per thread at dvc = 256).
+  const int64_t sms = sm_count > 0 ? sm_count : 80;
+  // Resident blocks per SM, by shared memory (1 KiB of it reserved per block), at most 2 (registers: 212 per
+  // thread at dvc = 256).
   const int64_t smem = static_cast<int64_t>(attn_mma_smem_bytes(a)) + 1024;
   const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, (smem_per_sm > 0 ? smem_per_sm : 160 * 1024) / smem));
-  const int64_t target = static_cast<int64_t>(sm_count > 0 ? sm_count : 80) * per_sm;
-  // A split re-reads Q and costs a combine pass: keep at least two key tiles per split.
-  int64_t splits = base >= target ? 1 : ceil_div(target, base);
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, a.kv_tiles / 2, 16}));
-  a.tiles_per_split = static_cast<int>(ceil_div(a.kv_tiles, splits));
-  a.splits = static_cast<int>(ceil_div(a.kv_tiles, a.tiles_per_split));
+  auto use = [&](int64_t splits) {
+    a.tiles_per_split = static_cast<int>(ceil_div(a.kv_tiles, splits));
+    a.splits = static_cast<int>(ceil_div(a.kv_tiles, a.tiles_per_split));
+  };
+  if (force_splits > 0) {
+    use(std::min<int64_t>(force_splits, a.kv_tiles));
+    return;
+  }
+  // Flops of the whole call (q k^T once per Dv chunk), spread over the blocks of a split count.
+  const double flops = 2.0 * a.BH * static_cast<double>(a.L) * static_cast<double>(a.S) *
+                       (static_cast<double>(chunks) * a.D + a.Dv);
+  const double rows = static_cast<double>(a.BH) * static_cast<double>(a.L);
+  double best = 0;
+  int64_t best_splits = 1;
+  // At least two key tiles per split (a split re-reads Q), at most 16 splits.
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(16, a.kv_tiles / 2));
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t tps = ceil_div(a.kv_tiles, s);
+    const int64_t splits = ceil_div(a.kv_tiles, tps);
+    if (s > 1 && splits == best_splits) continue;
+    const int64_t blocks = base * splits;
+    const int64_t waves = ceil_div(blocks, sms * per_sm);
+    const bool two_per_sm = per_sm > 1 && blocks > sms;
+    const double block_rate = two_per_sm ? kMmaSmFlopsPerSec / 2 : kMmaBlockFlopsPerSec;
+    double t = static_cast<double>(waves) * (flops / static_cast<double>(base) * static_cast<double>(tps) /
+                                             static_cast<double>(a.kv_tiles)) / block_rate;
+    if (splits > 1) t += static_cast<double>(splits) * rows * a.Dv * 8.0 / kMmaWorkspaceBytesPerSec + kMmaCombineSec;
+    if (s == 1 || t < best) {
+      best = t;
+      best_splits = splits;
+    }
+  }
+  use(best_splits);
 }
 
 #if !defined(DDPM_FAST_MMA_EMULATOR)

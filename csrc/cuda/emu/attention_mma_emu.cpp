@@ -27,8 +27,9 @@ struct Case {
   int B, H, L, S, D, Dv;
   Layout layout;
   double scale;  // <= 0: 1 / sqrt(D)
-  int sms;       // multiprocessors the plan assumes (132: H200, splits small problems; 1: hardly ever splits)
-  float qk_mul;  // q and k drawn with this standard deviation (large scores)
+  int sms;         // multiprocessors the plan assumes (132: H200)
+  float qk_mul;    // q and k drawn with this standard deviation (large scores)
+  int splits = 0;  // > 0: force this key split (the cost model leaves these small problems unsplit)
 };
 
 const char* layout_name(Layout l) {
@@ -134,7 +135,7 @@ bool run(const Case& c, double tol, bool verbose) {
     return dk::is_aligned(o.base, 16) && o.sb % vec == 0 && o.sh % vec == 0 && o.ss % vec == 0;
   };
   a.vec_ok = D % vec == 0 && Dv % vec == 0 && vec_tensor(q) && vec_tensor(k) && vec_tensor(v);
-  dk::attn_mma_plan(a, c.sms, 233472);
+  dk::attn_mma_plan(a, c.sms, 233472, c.splits);
   std::vector<float> part_o, part_ml;
   if (a.splits > 1) {
     part_o.assign(size_t(a.splits) * B * H * L * Dv, std::nanf(""));
@@ -186,7 +187,7 @@ bool run(const Case& c, double tol, bool verbose) {
   const double rel = err / std::max(ref_max, 1e-6);
   const bool ok = finite && rel <= tol;
   const long ldsm = after.ldsm - before.ldsm;
-  std::printf("%s %-5s B=%d H=%d L=%d S=%d D=%d Dv=%d %-16s sms=%-6d splits=%d chunks=%u vec=%d: rel err %.3g (tol %.3g)"
+  std::printf("%s %-5s B=%d H=%d L=%d S=%d D=%d Dv=%d %-16s sms=%d splits=%d chunks=%u vec=%d: rel err %.3g (tol %.3g)"
               " | ldmatrix %ld, conflicted phases %ld, mma %ld\n",
               ok ? "ok  " : "FAIL", sizeof(T) == 2 && std::is_same<T, __half>::value ? "fp16" : "bf16", B, H, L, S, D,
               Dv, layout_name(c.layout), c.sms, a.splits, grid.z, int(a.vec_ok), finite ? rel : NAN, tol, ldsm,
@@ -200,27 +201,27 @@ bool run(const Case& c, double tol, bool verbose) {
 
 int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
-  const int H200 = 132, NOSPLIT = 1;
+  const int H200 = 132;
   const std::vector<Case> cases = {
       {1, 1, 1, 1, 16, 16, Layout::Contiguous, 0, H200, 1.f},          // one row, one key
       {1, 1, 7, 7, 40, 40, Layout::Contiguous, 0, H200, 1.f},          // D = 40: zero-filled chunk 5
-      {1, 1, 83, 83, 64, 64, Layout::Contiguous, 0, H200, 1.f},        // L, S not multiples of the tiles
+      {1, 1, 83, 83, 64, 64, Layout::Contiguous, 0, H200, 1.f, 2},     // L, S not multiples of the tiles
       {2, 3, 37, 37, 64, 64, Layout::PackedViews, 0, H200, 1.f},       // the UNet's strided views
-      {1, 1, 257, 45, 64, 40, Layout::Contiguous, 0, NOSPLIT, 1.f},    // D != Dv, L > 4 tiles
-      {1, 2, 20, 33, 7, 9, Layout::Contiguous, 0.3, H200, 1.f},        // odd D / Dv: element loads
+      {1, 1, 257, 45, 64, 40, Layout::Contiguous, 0, H200,    1.f},    // D != Dv, L > 4 tiles
+      {1, 2, 20, 33, 7, 9, Layout::Contiguous, 0.3, H200, 1.f, 2},     // odd D / Dv: element loads, split
       {1, 1, 50, 70, 64, 64, Layout::Unaligned, 0, H200, 1.f},         // q at offset 1: element loads
       {3, 1, 20, 20, 32, 32, Layout::ThreeD, 0, H200, 1.f},            // (B, S, D)
-      {1, 1, 65, 100, 256, 256, Layout::Contiguous, 0, H200, 1.f},     // cifar10 head dim, split keys
-      {1, 1, 65, 100, 256, 256, Layout::Contiguous, 0, NOSPLIT, 1.f},  // same, no split
-      {1, 1, 16, 300, 96, 300, Layout::Contiguous, 0, H200, 1.f},      // Dv = 300: chunks of 256 and 44
+      {1, 1, 65, 100, 256, 256, Layout::Contiguous, 0, H200, 1.f, 4},  // cifar10 head dim, split keys
+      {1, 1, 65, 100, 256, 256, Layout::Contiguous, 0, H200,    1.f},  // same, no split
+      {1, 1, 16, 300, 96, 300, Layout::Contiguous, 0, H200, 1.f, 5},   // Dv = 300: chunks of 256 and 44
       {1, 1, 33, 70, 512, 512, Layout::Contiguous, 0, H200, 1.f},      // 256-px head dim: two chunks
-      {1, 1, 20, 64, 512, 64, Layout::Contiguous, 0, NOSPLIT, 1.f},    // D = 512, Dv = 64
-      {1, 1, 64, 64, 128, 128, Layout::Contiguous, 1.0, NOSPLIT, 4.f}, // scores ~ 1e2..1e3: running max
+      {1, 1, 20, 64, 512, 64, Layout::Contiguous, 0, H200,    1.f},    // D = 512, Dv = 64
+      {1, 1, 64, 64, 128, 128, Layout::Contiguous, 1.0, H200,    4.f}, // scores ~ 1e2..1e3: running max
       {2, 1, 16, 16, 256, 256, Layout::PackedViews, 0, H200, 1.f},     // mid-block 4x4 attention
-      {1, 1, 100, 257, 48, 48, Layout::Contiguous, 0, H200, 1.f},      // S = 257: last tile has 1 key
-      {2, 2, 40, 90, 128, 296, Layout::Contiguous, 0, H200, 1.f},      // Dv = 296: chunks of 256 and 40, cp.async
+      {1, 1, 100, 257, 48, 48, Layout::Contiguous, 0, H200, 1.f, 3},   // S = 257: last tile has 1 key
+      {2, 2, 40, 90, 128, 296, Layout::Contiguous, 0, H200, 1.f, 2},   // Dv = 296: chunks of 256 and 40, cp.async
       {1, 1, 70, 256, 512, 512, Layout::Contiguous, 0, H200, 1.f},     // 256-px shape, split keys, two chunks
-      {8, 1, 9, 17, 64, 64, Layout::Contiguous, 0, NOSPLIT, 1.f},      // batch 8
+      {8, 1, 9, 17, 64, 64, Layout::Contiguous, 0, H200,    1.f},      // batch 8
   };
   int failed = 0, ran = 0;
   // Two models of timing: late copies under lock-step warps (a read before its wait / barrier sees stale data),
