@@ -484,7 +484,7 @@ def test_real_extension_reports_its_build():
     assert _native.target_version() == c.target_version == "2.10.0"
     assert _native._version_tuple(torch.__version__) >= (2, 10, 0) and isinstance(c.torch_version, str)
     assert _native.limits()["cuda_attention_max_head_dim"] == 512
-    assert _native.cpu_isa() in ("AVX2", "DEFAULT")
+    assert _native.cpu_isa() in ("AVX512", "AVX2", "DEFAULT")
     assert _native.has_cuda() == (torch.version.cuda is not None and bool(c.cuda_library) and _native.cuda_error() is None)
 
 
@@ -527,15 +527,28 @@ def test_autograd_uses_composite_and_gradients_flow():
 _SUBPROCESS_CHECK = """
 import torch, torch.nn.functional as F
 from ddpm_fast import ops, _native
-x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
-t = torch.randn(2, 24)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 24, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+t = torch.randn(2, 24, generator=g)
 ref = F.silu(F.group_norm((x + t[:, :, None, None]).double(), 8))
 assert (ops.group_norm_silu(x, 8, temb=t).double() - ref).abs().max() < 1e-5
+# bf16 / fp16 through the vectorised conversions (whole vectors and tails: 40 channels, 21 pixels)
+for dt, tol in ((torch.bfloat16, 3e-2), (torch.float16, 4e-3)):
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        xh = (torch.randn(2, 40, 3, 7, generator=g) * 2 + 0.5).to(dt).contiguous(memory_format=fmt)
+        ref = F.silu(F.group_norm(xh.double(), 8))
+        assert (ops.group_norm_silu(xh, 8).double() - ref).abs().max() < tol, dt
 q, k, v = torch.randn(1, 2, 19, 40), torch.randn(1, 2, 70, 40), torch.randn(1, 2, 70, 9)
 ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
 assert (ops.attention(q, k, v).double() - ref).abs().max() < 1e-5
 p, x0 = ops.scheduler_step(x, x, x, (1.0, 0.5), (0.5, 0.25, 0.125), 0.5, 1.0)
 assert (x0 - (1.5 * x).clamp(-1, 1)).abs().max() < 1e-6
+for dt in (torch.bfloat16, torch.float16):  # 37 elements: vectors and a tail
+    e = torch.randn(37, generator=g).to(dt)
+    p, x0 = ops.scheduler_step(e, e, e, (1.0, 0.5), (0.5, 0.25, 0.125), 0.5, 1.0)
+    r0 = (1.5 * e.double()).clamp(-1, 1)
+    assert (x0.double() - r0).abs().max() <= 1e-2, dt
+    assert (p.double() - (0.5 * r0 + 0.875 * e.double())).abs().max() <= 2e-2, dt
 w = torch.randn(11, 24, 3, 3) / 15
 ref = F.conv2d(x.double(), w.double(), padding=1)
 assert (ops.conv3x3_winograd(x, ops.winograd_weight(w)).double() - ref).abs().max() < 1e-5
@@ -544,16 +557,42 @@ print(_native.cpu_isa() if _native.available() else "composite")
 """
 
 
-@pytest.mark.parametrize("env", [{"DDPM_FAST_CPU_ISA": "default"}, {"DDPM_FAST_DISABLE_NATIVE": "1"}],
-                         ids=["baseline-isa", "no-native"])
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Every CPU kernel build this CPU can run (the dispatcher refuses to force one it cannot).
+_FLAGS = _cpu_flags()
+_ISAS = ["default"] + (["avx2"] if {"avx2", "fma"} <= _FLAGS else []) + (
+    ["avx512"] if {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _FLAGS else [])
+
+
+@pytest.mark.parametrize("env", [{"DDPM_FAST_CPU_ISA": isa} for isa in _ISAS] + [{"DDPM_FAST_DISABLE_NATIVE": "1"}],
+                         ids=[f"isa-{isa}" for isa in _ISAS] + ["no-native"])
 def test_other_kernel_builds_in_subprocess(env):
-    """The baseline (non-AVX2) kernels and the pure-PyTorch fallback give the same results."""
+    """Each kernel build the CPU supports (baseline, AVX2, AVX-512) and the pure-PyTorch fallback give results
+    within the float64 bounds."""
     if "DDPM_FAST_CPU_ISA" in env and not _native.available():
         pytest.skip("native extension unavailable")
     res = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == ("DEFAULT" if "DDPM_FAST_CPU_ISA" in env else "composite")
+    assert res.stdout.strip() == (env["DDPM_FAST_CPU_ISA"].upper() if "DDPM_FAST_CPU_ISA" in env else "composite")
+
+
+@native
+def test_forcing_an_unknown_isa_is_an_error():
+    res = subprocess.run([sys.executable, "-c", "import torch; from ddpm_fast import ops; "
+                          "ops.scheduler_step(torch.ones(3), torch.ones(3), None, (1.0, 0.0), (1.0, 0.0, 0.0))"],
+                         env={**os.environ, "DDPM_FAST_CPU_ISA": "sse9"}, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "DDPM_FAST_CPU_ISA must be auto, default, avx2 or avx512" in res.stderr
 
 
 def test_attention_wrapper_routes_short_cpu_sequences_to_sdpa():
@@ -680,3 +719,4 @@ def test_conv3x3_winograd_opcheck_compile_and_bad_inputs():
             fn_()
     with pytest.raises(ValueError, match="device"):
         ops.conv3x3_winograd(x, u, torch.randn(8, device="meta"))
+

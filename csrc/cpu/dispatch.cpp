@@ -1,5 +1,7 @@
-// Picks the kernel table for the running CPU once: AVX2+FMA objects when the CPU has them, else the
-// baseline build. DDPM_FAST_CPU_ISA=default|avx2 forces one (tests use it to cover both).
+// Picks the kernel table for the running CPU once: the AVX-512 objects when the CPU (and the OS, which
+// __builtin_cpu_supports checks through XGETBV) has AVX-512 F/BW/DQ/VL, else the AVX2+FMA objects when it has
+// those, else the baseline build. DDPM_FAST_CPU_ISA=default|avx2|avx512 forces one (the tests run each one
+// the CPU supports); forcing one the CPU lacks is an error, not a silent fallback.
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -18,6 +20,16 @@ static bool cpu_has_avx2() {
 #endif
 }
 
+static bool cpu_has_avx512() {
+#if !defined(DDPM_FAST_NO_AVX512) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 static const Kernels& select() {
   const char* env = std::getenv("DDPM_FAST_CPU_ISA");
   const std::string want = env ? env : "";
@@ -28,8 +40,17 @@ static const Kernels& select() {
     return AVX2::table();
 #endif
   }
-  DDPM_FAST_CHECK(want.empty() || want == "auto", "DDPM_FAST_CPU_ISA must be auto, default or avx2, got '", want,
-                  "'");
+  if (want == "avx512" || want == "AVX512") {
+    DDPM_FAST_CHECK(cpu_has_avx512(), "DDPM_FAST_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/DQ/VL");
+#ifndef DDPM_FAST_NO_AVX512
+    return AVX512::table();
+#endif
+  }
+  DDPM_FAST_CHECK(want.empty() || want == "auto", "DDPM_FAST_CPU_ISA must be auto, default, avx2 or avx512, got '",
+                  want, "'");
+#ifndef DDPM_FAST_NO_AVX512
+  if (cpu_has_avx512()) return AVX512::table();
+#endif
 #ifndef DDPM_FAST_NO_AVX2
   if (cpu_has_avx2()) return AVX2::table();
 #endif

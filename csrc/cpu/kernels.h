@@ -47,9 +47,10 @@ struct Kernels {
   }
 DDPM_FAST_DECLARE_ISA(DEFAULT)
 DDPM_FAST_DECLARE_ISA(AVX2)
+DDPM_FAST_DECLARE_ISA(AVX512)
 #undef DDPM_FAST_DECLARE_ISA
 
-// The best table this CPU supports (DDPM_FAST_CPU_ISA=default|avx2 forces one, for testing).
+// The best table this CPU supports (DDPM_FAST_CPU_ISA=default|avx2|avx512 forces one, for testing).
 const Kernels& kernels();
 
 }  // namespace ddpm_fast::cpu
