@@ -23,7 +23,8 @@
 //     tensor there; the aoti_torch_cpu_* shims call the CPU kernel itself (at::cpu::mm_out), below the
 //     dispatcher's autograd and inplace-or-view keys, so the GEMM writes into inference tensors from any
 //     thread (tests/test_inference_mode.py runs it with 2 threads). Views for those GEMMs come from
-//     strided_view() (aoti_torch__reinterpret_tensor), which does not dispatch either.
+//     strided_view() (aoti_torch__reinterpret_tensor), which does not dispatch either; cpu_float_blob()
+//     (aoti_torch_create_tensor_from_blob) wraps a kernel's own scratch memory for them without a copy.
 //   - torch::stable::parallel_for (torch_parallel_for) gives no AT_PARALLEL_OPENMP and no guarantee that
 //     its chunks run at the same time, so no kernel may wait on another chunk (group_norm_silu uses two
 //     parallel regions for that reason).
@@ -267,6 +268,17 @@ namespace ddpm_fast {
 inline void mm_out_cpu(const Tensor& out, const Tensor& a, const Tensor& b) {
   STD_TORCH_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()) == AOTI_TORCH_SUCCESS,
                   "aoti_torch_cpu_mm_out failed for ", sizes_str(a.sizes()), " @ ", sizes_str(b.sizes()));
+}
+
+// A CPU float32 tensor over memory we own (a kernel's scratch buffer), with these sizes and strides, for the GEMM
+// shims (aoti_torch_create_tensor_from_blob: no allocation, no copy; the memory must outlive the tensor).
+inline Tensor cpu_float_blob(float* data, IntHeaderOnlyArrayRef sizes, IntHeaderOnlyArrayRef strides) {
+  AtenTensorHandle out = nullptr;
+  STD_TORCH_CHECK(aoti_torch_create_tensor_from_blob(data, static_cast<int64_t>(sizes.size()), sizes.data(),
+                                                     strides.data(), 0, aoti_torch_dtype_float32(),
+                                                     aoti_torch_device_type_cpu(), 0, &out) == AOTI_TORCH_SUCCESS,
+                  "aoti_torch_create_tensor_from_blob failed for sizes ", sizes_str(sizes));
+  return Tensor(out);
 }
 
 // out = a @ b per batch (3-D), into out's storage.

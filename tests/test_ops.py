@@ -570,28 +570,48 @@ def _cpu_flags() -> set[str]:
 
 # Every CPU kernel build this CPU can run (the dispatcher refuses to force one it cannot).
 _FLAGS = _cpu_flags()
-_ISAS = ["default"] + (["avx2"] if {"avx2", "fma"} <= _FLAGS else []) + (
-    ["avx512"] if {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _FLAGS else [])
+_ISAS = (
+    ["default"]
+    + (["avx2"] if {"avx2", "fma"} <= _FLAGS else [])
+    + (["avx512"] if {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _FLAGS else [])
+)
 
 
-@pytest.mark.parametrize("env", [{"DDPM_FAST_CPU_ISA": isa} for isa in _ISAS] + [{"DDPM_FAST_DISABLE_NATIVE": "1"}],
-                         ids=[f"isa-{isa}" for isa in _ISAS] + ["no-native"])
+@pytest.mark.parametrize(
+    "env",
+    [{"DDPM_FAST_CPU_ISA": isa} for isa in _ISAS] + [{"DDPM_FAST_DISABLE_NATIVE": "1"}],
+    ids=[f"isa-{isa}" for isa in _ISAS] + ["no-native"],
+)
 def test_other_kernel_builds_in_subprocess(env):
     """Each kernel build the CPU supports (baseline, AVX2, AVX-512) and the pure-PyTorch fallback give results
     within the float64 bounds."""
     if "DDPM_FAST_CPU_ISA" in env and not _native.available():
         pytest.skip("native extension unavailable")
-    res = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS_CHECK],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == (env["DDPM_FAST_CPU_ISA"].upper() if "DDPM_FAST_CPU_ISA" in env else "composite")
 
 
 @native
 def test_forcing_an_unknown_isa_is_an_error():
-    res = subprocess.run([sys.executable, "-c", "import torch; from ddpm_fast import ops; "
-                          "ops.scheduler_step(torch.ones(3), torch.ones(3), None, (1.0, 0.0), (1.0, 0.0, 0.0))"],
-                         env={**os.environ, "DDPM_FAST_CPU_ISA": "sse9"}, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch; from ddpm_fast import ops; "
+            "ops.scheduler_step(torch.ones(3), torch.ones(3), None, (1.0, 0.0), (1.0, 0.0, 0.0))",
+        ],
+        env={**os.environ, "DDPM_FAST_CPU_ISA": "sse9"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "DDPM_FAST_CPU_ISA must be auto, default, avx2 or avx512" in res.stderr
 
 
@@ -611,8 +631,19 @@ def test_attention_wrapper_routes_short_cpu_sequences_to_sdpa():
 
 # ---------------------------------------------------------------------------------------------- winograd conv
 
-WINO_SHAPES = [(1, 8, 16, 7, 5), (2, 13, 9, 1, 1), (3, 24, 40, 6, 9), (1, 3, 8, 2, 3), (2, 64, 64, 16, 16),
-               (1, 9, 17, 33, 2)]
+# (N, C, O, H, W). With 2 threads (CI) on AVX-512: (2, 100, 72, 37, 29) runs the per-thread pipeline with our GEMM
+# in 2-3 blocks per thread (C, O not multiples of 16, O not of 32); (1, 256, 256, 6, 5) has a transformed weight
+# over 3 MB and few tiles: the batched schedule. test_conv3x3_winograd_schedules forces each schedule.
+WINO_SHAPES = [
+    (1, 8, 16, 7, 5),
+    (2, 13, 9, 1, 1),
+    (3, 24, 40, 6, 9),
+    (1, 3, 8, 2, 3),
+    (2, 64, 64, 16, 16),
+    (1, 9, 17, 33, 2),
+    (2, 100, 72, 37, 29),
+    (1, 256, 256, 6, 5),
+]
 
 
 def _wino_case(shape, seed):
@@ -720,3 +751,65 @@ def test_conv3x3_winograd_opcheck_compile_and_bad_inputs():
     with pytest.raises(ValueError, match="device"):
         ops.conv3x3_winograd(x, u, torch.randn(8, device="meta"))
 
+
+_WINO_SCHEDULE_CHECK = """
+import sys, torch, torch.nn.functional as F
+from ddpm_fast import ops
+# (N, C, O, H, W): odd sizes and partial tiles, C and O off multiples of 16 (and O of the GEMM's 32 columns),
+# O < 32, one image and several, tiles per thread from 1 to several blocks.
+shapes = [(1, 8, 16, 7, 5), (2, 13, 9, 1, 1), (3, 24, 40, 6, 9), (2, 100, 72, 37, 29), (1, 33, 3, 20, 21),
+          (4, 64, 96, 12, 12), (1, 17, 48, 70, 3)]
+for threads in (1, 3):
+    torch.set_num_threads(threads)
+    for n, c, o, h, w in shapes:
+        g = torch.Generator().manual_seed(n * 7919 + c * 31 + o)
+        x = torch.randn(n, c, h, w, generator=g)
+        wt = torch.randn(o, c, 3, 3, generator=g) / (9 * c) ** 0.5
+        b, r = torch.randn(o, generator=g), torch.randn(n, o, h, w, generator=g)
+        for tile in (2, 4):
+            u = ops.winograd_weight(wt, tile)
+            for fmt in (torch.channels_last, torch.contiguous_format):
+                xx = x.contiguous(memory_format=fmt)
+                for bias, res, silu, scale in ((None, None, False, 1.0), (b, r, True, 2.0), (b, None, False, 0.5)):
+                    ref = F.conv2d(xx.double(), wt.double(), None if bias is None else bias.double(), padding=1)
+                    direct = F.conv2d(xx, wt, bias, padding=1)
+                    if res is not None:
+                        ref, direct = ref + res.double(), direct + res
+                    if silu:
+                        ref, direct = F.silu(ref), F.silu(direct)
+                    ref, direct = ref / scale, direct / scale
+                    with torch.inference_mode():
+                        out = torch.ops.ddpm_fast.conv3x3_winograd(xx, u, bias, res, silu, scale)
+                    e, ed = (out.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
+                    bound = 2 * ed + 1e-6 if tile == 2 else 4 * ed + 1e-5 * ref.abs().max().item()
+                    assert e <= bound, (threads, (n, c, o, h, w), tile, fmt, silu, e, bound)
+print("ok")
+"""
+
+
+@native
+@pytest.mark.parametrize(
+    "isa, schedule",
+    [(_ISAS[-1], s) for s in ("pipeline", "pipeline_torch", "batched")] + [("default", "pipeline_torch")],
+)
+def test_conv3x3_winograd_schedules(isa, schedule):
+    """Every schedule of the CPU Winograd op (DDPM_FAST_WINOGRAD_SCHEDULE forces one; the automatic choice depends
+    on the weight size, tile count, threads and L2 size), on the best kernel build and the baseline one, with 1 and 3
+    threads, against float64 with test_conv3x3_winograd_matches_float64_conv's bounds."""
+    env = {**os.environ, "DDPM_FAST_CPU_ISA": isa, "DDPM_FAST_WINOGRAD_SCHEDULE": schedule}
+    res = subprocess.run(
+        [sys.executable, "-c", _WINO_SCHEDULE_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+@native
+def test_conv3x3_winograd_unknown_schedule_is_an_error():
+    env = {**os.environ, "DDPM_FAST_WINOGRAD_SCHEDULE": "fastest"}
+    code = (
+        "import torch; from ddpm_fast import ops; x = torch.randn(1, 4, 5, 5); "
+        "u = ops.winograd_weight(torch.randn(4, 4, 3, 3)); "
+        "torch.ops.ddpm_fast.conv3x3_winograd(x, u, None, None, False, 1.0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "DDPM_FAST_WINOGRAD_SCHEDULE must be auto, pipeline" in res.stderr

@@ -32,13 +32,20 @@ struct Kernels {
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
   // Winograd F(tile x tile, 3x3), tile 2 or 4, fp32 channels-last (N, H, W, C) images cut into
   // tiles_h x tiles_w tiles of tile x tile outputs per image; tiles [t0, t1) go to / come from rows 0.. of
-  // (tile + 2)^2 planes with leading dim ldv / ldm.
+  // (tile + 2)^2 planes. Input: V[k * ldv + (t - t0) * C + c].
   void (*winograd_input)(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
                          int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);
-  // y = A^T m A + bias (+ residual at the same NHWC place), then SiLU, then * inv_scale; y is (N, H, W, O).
-  void (*winograd_output)(const float* M, float* y, const float* bias, const float* residual, int64_t H, int64_t W,
-                          int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldm,
-                          bool silu, float inv_scale, int tile);
+  // For each of `planes` planes k: M[k * ldm + r * ldr + j] = sum_c V[k * ldv + r * C + c] * U[k * ldu + c * O + j]
+  // for rows r < rows, columns j < oc (U already offset to the first column). Single-threaded, register-blocked;
+  // nullptr in builds without a fast one (DEFAULT), where the glue uses torch's batched GEMM instead.
+  void (*winograd_gemm)(const float* V, int64_t ldv, int64_t C, const float* U, int64_t ldu, int64_t O, float* M,
+                        int64_t ldm, int64_t ldr, int64_t rows, int64_t oc, int planes);
+  // y = A^T m A + bias (+ residual at the same NHWC place), then SiLU, then * inv_scale, for channels [0, oc) of
+  // y, bias and residual (pointers already offset to the first channel; O is their pixel stride) from
+  // m[k] = M[k * ldm + (t - t0) * ldr + j]; y is (N, H, W, O).
+  void (*winograd_output)(const float* M, int64_t ldm, int64_t ldr, float* y, const float* bias,
+                          const float* residual, int64_t H, int64_t W, int64_t O, int64_t oc, int64_t tiles_h,
+                          int64_t tiles_w, int64_t t0, int64_t t1, bool silu, float inv_scale, int tile);
 };
 
 #define DDPM_FAST_DECLARE_ISA(NS) \

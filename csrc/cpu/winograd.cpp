@@ -2,14 +2,154 @@
 // 36 GEMMs against a weight the caller transformed once (ddpm_fast.ops.winograd_weight; its first dimension
 // says which), output transform with the bias, residual add, SiLU and output scale folded in. 2.25x (F2) or
 // 4x (F4) fewer multiplies than the direct convolution, which at batch 1 is what bounds the UNet on a CPU;
-// fp32 only. Tiles go in blocks so the transformed planes stay cache-sized whatever the image size.
+// fp32 only.
+//
+// Three schedules, chosen per call from the size of the transformed weight U (planes x C x O floats), the tile
+// count T and the thread count (measured on a 2-core Xeon with AVX-512, 2 MB L2 per core; see csrc/README.md):
+//   pipeline, our GEMM (AVX512 builds; U <= 3 MB and O >= 32): one item per thread, a range of tiles each, run
+//     in blocks of nb tiles: input transform -> the planes' GEMMs (the kernel table's register-blocked GEMM,
+//     single-threaded) -> output transform, with no synchronisation between stages or threads. nb is set so
+//     that the block's V (planes x nb x C) and M (planes x nb x O) fill 3/4 of one core's L2; only x, U (read
+//     once per block) and y move between cores and memory. With the AVX-512 transforms this is 1.1-1.3x the
+//     batched schedule at 128 channels.
+//   pipeline, torch's GEMM (many tiles: T >= 2 x threads x nb): the same, with bigger blocks (3 x L2) whose
+//     GEMMs go to torch's batched GEMM (MKL / oneDNN / OpenBLAS, sequential inside the parallel region). For
+//     large U our GEMM loses to MKL's (it streams U from L3 at about half MKL's rate), and for O < 32 it
+//     wastes most of its 32-column panel.
+//   batched (everything else, and every call of the DEFAULT build when there are few tiles): per block of
+//     128 / 256 tiles, input transform (parallel_for), one torch bmm over all planes with all threads (each
+//     reads its share of U, which is what bounds large-U layers at batch 1), output transform (parallel_for).
+// DDPM_FAST_WINOGRAD_SCHEDULE=auto|pipeline|pipeline_torch|batched (read once; for tests) forces one; pipeline
+// falls back to pipeline_torch in builds without our GEMM.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string>
+#include <unistd.h>
 
 #include "cpu/common.h"
 
 namespace ddpm_fast::cpu {
+
+namespace {
+
+enum class Schedule { Auto, Pipeline, PipelineTorch, Batched };
+
+Schedule forced_schedule() {
+  static const Schedule s = [] {
+    const char* v = std::getenv("DDPM_FAST_WINOGRAD_SCHEDULE");
+    const std::string want = v ? v : "";
+    if (want == "pipeline") return Schedule::Pipeline;
+    if (want == "pipeline_torch") return Schedule::PipelineTorch;
+    if (want == "batched") return Schedule::Batched;
+    DDPM_FAST_CHECK(want.empty() || want == "auto",
+                    "DDPM_FAST_WINOGRAD_SCHEDULE must be auto, pipeline, pipeline_torch or batched, got '", want, "'");
+    return Schedule::Auto;
+  }();
+  return s;
+}
+
+// One core's L2 (sysconf; 1 MiB when the C library does not know).
+int64_t l2_bytes() {
+  static const int64_t v = [] {
+    int64_t s = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return s >= (256 << 10) ? s : int64_t(1) << 20;
+  }();
+  return v;
+}
+
+struct Geometry {
+  const float* x;
+  const Tensor* weight;
+  const float* u;
+  float* y;
+  const float* bias;
+  const float* residual;
+  int64_t H, W, C, O, th, tw;
+  int tile, planes;
+  bool silu;
+  float inv_scale;
+};
+
+// Tiles per block so that V (P x nb x C) and M (P x nb x O) fill `budget` bytes (at least one GEMM row group).
+int64_t block_tiles(const Geometry& g, int64_t budget) {
+  return std::max<int64_t>(12, budget / (4 * g.planes * (g.C + g.O)));
+}
+
+// Our GEMM's planes start 16 floats (a cache line) apart beyond their rows, so that the 16 / 36 planes' rows of
+// one tile do not all fall on the same cache sets and 4 KiB aliases.
+int64_t plane_stride(int64_t rows, int64_t cols) { return rows * cols + 16; }
+
+// The per-thread pipeline: item i of min(threads, T) owns tiles [i T / items, (i + 1) T / items) and runs them in
+// equal blocks of at most nb tiles (V and M in its own slice of one scratch tensor).
+void run_pipeline(const Kernels& k, const Geometry& g, int64_t T, bool torch_gemm, int64_t budget) {
+  const int64_t P = g.planes, C = g.C, O = g.O;
+  const int64_t items = std::min<int64_t>(std::max<int64_t>(1, num_threads()), T);
+  const int64_t nb_max = std::min(block_tiles(g, budget), (T + items - 1) / items);
+  // Strides for a full block; torch's GEMM wants dense (P, rows, .) blocks, so the last (shorter) block of an
+  // item re-packs its planes with rows instead of nb (the same buffer, smaller strides).
+  const int64_t per_item = (P * (plane_stride(nb_max, C) + plane_stride(nb_max, O)) + 31) / 16 * 16;
+  Tensor scratch = alloc(*g.weight, {items * per_item});
+  float* base = static_cast<float*>(scratch.mutable_data_ptr());
+  auto run_item = [&](int64_t item) {
+    const int64_t ta = item * T / items, tb = (item + 1) * T / items;
+    if (ta >= tb) return;
+    const int64_t nblocks = (tb - ta + nb_max - 1) / nb_max, nb = (tb - ta + nblocks - 1) / nblocks;
+    float* V = base + item * per_item;
+    float* M = V + P * plane_stride(nb_max, C);
+    for (int64_t b0 = ta; b0 < tb; b0 += nb) {
+      const int64_t rows = std::min(nb, tb - b0);
+      const int64_t ldv = torch_gemm ? rows * C : plane_stride(rows, C), ldm = torch_gemm ? rows * O : plane_stride(rows, O);
+      k.winograd_input(g.x, V, g.H, g.W, C, g.th, g.tw, b0, b0 + rows, ldv, g.tile);
+      if (torch_gemm)
+        bmm_out_cpu(cpu_float_blob(M, {P, rows, O}, {ldm, O, 1}), cpu_float_blob(V, {P, rows, C}, {ldv, C, 1}),
+                    *g.weight);
+      else
+        k.winograd_gemm(V, ldv, C, g.u, C * O, O, M, ldm, O, rows, O, P);
+      k.winograd_output(M, ldm, O, g.y, g.bias, g.residual, g.H, g.W, O, O, g.th, g.tw, b0, b0 + rows, g.silu,
+                        g.inv_scale, g.tile);
+    }
+  };
+  if (items == 1) {
+    run_item(0);
+    return;
+  }
+  parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) run_item(i);
+  });
+}
+
+// Blocks of 128 (F4) / 256 (F2) tiles, each stage over all threads.
+void run_batched(const Kernels& k, const Geometry& g, int64_t T) {
+  const int64_t P = g.planes, C = g.C, O = g.O;
+  // 256 tiles per block for F2, 128 for F4's 36 planes: each GEMM keeps 128-256 rows while V and M stay within
+  // L2/L3 (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
+  const int64_t block = std::min<int64_t>(T, g.tile == 2 ? 256 : 128);
+  Tensor V = alloc(*g.weight, {P, block, C}), M = alloc(*g.weight, {P, block, O});
+  for (int64_t b0 = 0; b0 < T; b0 += block) {
+    const int64_t nb = std::min(block, T - b0);
+    // The last block may be shorter: (planes, nb, .) views of the same buffers.
+    const Tensor Vb = nb == block ? V : strided_view(V, {P, nb, C}, {nb * C, C, 1}, 0);
+    const Tensor Mb = nb == block ? M : strided_view(M, {P, nb, O}, {nb * O, O, 1}, 0);
+    float* pv = static_cast<float*>(Vb.mutable_data_ptr());
+    parallel_for(b0, b0 + nb, std::max<int64_t>(1, 2048 / C), [&](int64_t t0, int64_t t1) {
+      k.winograd_input(g.x, pv + (t0 - b0) * C, g.H, g.W, C, g.th, g.tw, t0, t1, nb * C, g.tile);
+    });
+    bmm_out_cpu(Mb, Vb, *g.weight);
+    const float* pm = static_cast<const float*>(Mb.const_data_ptr());
+    parallel_for(b0, b0 + nb, std::max<int64_t>(1, 2048 / O), [&](int64_t t0, int64_t t1) {
+      k.winograd_output(pm + (t0 - b0) * O, nb * O, O, g.y, g.bias, g.residual, g.H, g.W, O, O, g.th, g.tw, t0, t1,
+                        g.silu, g.inv_scale, g.tile);
+    });
+  }
+}
+
+}  // namespace
 
 static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
                                    const std::optional<Tensor>& residual, bool silu, double output_scale) {
@@ -40,31 +180,23 @@ static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, con
     return y;
   }
   const Tensor w = contiguous(weight);
-  const float* px = static_cast<const float*>(x.const_data_ptr());
-
   const int tile = weight.size(0) == 36 ? 4 : 2, planes = (tile + 2) * (tile + 2);
   const int64_t th = (H + tile - 1) / tile, tw = (W + tile - 1) / tile, T = N * th * tw;
-  // 256 tiles per block for F2, 128 for F4's 36 planes: each GEMM keeps 128-256 rows while V and M stay within
-  // L2/L3 (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
-  const int64_t block = std::min<int64_t>(T, tile == 2 ? 256 : 128);
+  const Geometry g{static_cast<const float*>(x.const_data_ptr()), &w, static_cast<const float*>(w.const_data_ptr()),
+                   py, pb, pr, H, W, C, O, th, tw, tile, planes, silu, inv_scale};
   const auto& k = kernels();
-  Tensor V = alloc(x, {planes, block, C}), M = alloc(x, {planes, block, O});
-  for (int64_t b0 = 0; b0 < T; b0 += block) {
-    const int64_t nb = std::min(block, T - b0);
-    // The last block may be shorter: (planes, nb, .) views of the same buffers.
-    const Tensor Vb = nb == block ? V : strided_view(V, {planes, nb, C}, {nb * C, C, 1}, 0);
-    const Tensor Mb = nb == block ? M : strided_view(M, {planes, nb, O}, {nb * O, O, 1}, 0);
-    float* pv = static_cast<float*>(Vb.mutable_data_ptr());
-    const int64_t grain = std::max<int64_t>(1, 2048 / C);
-    parallel_for(b0, b0 + nb, grain, [&](int64_t t0, int64_t t1) {
-      k.winograd_input(px, pv + (t0 - b0) * C, H, W, C, th, tw, t0, t1, nb * C, tile);
-    });
-    bmm_out_cpu(Mb, Vb, w);
-    const float* pm = static_cast<const float*>(Mb.const_data_ptr());
-    parallel_for(b0, b0 + nb, std::max<int64_t>(1, 2048 / O), [&](int64_t t0, int64_t t1) {
-      k.winograd_output(pm + (t0 - b0) * O, py, pb, pr, H, W, O, th, tw, t0, t1, nb * O, silu, inv_scale, tile);
-    });
+  const int64_t u_bytes = int64_t(planes) * C * O * 4, nt = std::max<int64_t>(1, num_threads());
+  const int64_t budget_own = l2_bytes() * 3 / 4, budget_torch = l2_bytes() * 3;
+  Schedule s = forced_schedule();
+  if (s == Schedule::Auto) {
+    if (k.winograd_gemm != nullptr && u_bytes <= (int64_t(3) << 20) && O >= 32) s = Schedule::Pipeline;
+    else if (T >= 2 * nt * block_tiles(g, budget_torch)) s = Schedule::PipelineTorch;
+    else s = Schedule::Batched;
   }
+  if (s == Schedule::Pipeline && k.winograd_gemm == nullptr) s = Schedule::PipelineTorch;
+  if (s == Schedule::Pipeline) run_pipeline(k, g, T, false, budget_own);
+  else if (s == Schedule::PipelineTorch) run_pipeline(k, g, T, true, budget_torch);
+  else run_batched(k, g, T);
   return y;
 }
 

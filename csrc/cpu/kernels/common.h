@@ -277,8 +277,15 @@ void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, cons
 void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
 void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
                            int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);
-void winograd_output_kernel(const float* M, float* y, const float* bias, const float* residual, int64_t H,
-                            int64_t W, int64_t O, int64_t tiles_h, int64_t tiles_w, int64_t t0, int64_t t1,
-                            int64_t ldm, bool silu, float inv_scale, int tile);
+void winograd_output_kernel(const float* M, int64_t ldm, int64_t ldr, float* y, const float* bias,
+                            const float* residual, int64_t H, int64_t W, int64_t O, int64_t oc, int64_t tiles_h,
+                            int64_t tiles_w, int64_t t0, int64_t t1, bool silu, float inv_scale, int tile);
+#if defined(CPU_CAPABILITY_AVX512)
+void winograd_gemm_kernel(const float* V, int64_t ldv, int64_t C, const float* U, int64_t ldu, int64_t O,
+                          float* M, int64_t ldm, int64_t ldr, int64_t rows, int64_t oc, int planes);
+#define DDPM_FAST_WINOGRAD_GEMM winograd_gemm_kernel
+#else
+#define DDPM_FAST_WINOGRAD_GEMM nullptr
+#endif
 }  // namespace CPU_CAPABILITY
 }  // namespace ddpm_fast::cpu
