@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unistd.h>
@@ -86,22 +87,23 @@ int64_t block_tiles(const Geometry& g, int64_t budget) {
 int64_t plane_stride(int64_t rows, int64_t cols) { return rows * cols + 16; }
 
 // The per-thread pipeline: item i of min(threads, T) owns tiles [i T / items, (i + 1) T / items) and runs them in
-// equal blocks of at most nb tiles (V and M in its own slice of one scratch tensor).
+// equal blocks of at most nb tiles. Each item allocates its own V and M (one block's worth, at most a few times
+// L2: below glibc's mmap threshold, so after the first call they come from the thread's heap without page
+// faults, and nothing stays allocated between calls).
 void run_pipeline(const Kernels& k, const Geometry& g, int64_t T, bool torch_gemm, int64_t budget) {
   const int64_t P = g.planes, C = g.C, O = g.O;
   const int64_t items = std::min<int64_t>(std::max<int64_t>(1, num_threads()), T);
   const int64_t nb_max = std::min(block_tiles(g, budget), (T + items - 1) / items);
-  // Strides for a full block; torch's GEMM wants dense (P, rows, .) blocks, so the last (shorter) block of an
-  // item re-packs its planes with rows instead of nb (the same buffer, smaller strides).
-  const int64_t per_item = (P * (plane_stride(nb_max, C) + plane_stride(nb_max, O)) + 31) / 16 * 16;
-  Tensor scratch = alloc(*g.weight, {items * per_item});
-  float* base = static_cast<float*>(scratch.mutable_data_ptr());
   auto run_item = [&](int64_t item) {
     const int64_t ta = item * T / items, tb = (item + 1) * T / items;
     if (ta >= tb) return;
     const int64_t nblocks = (tb - ta + nb_max - 1) / nb_max, nb = (tb - ta + nblocks - 1) / nblocks;
-    float* V = base + item * per_item;
-    float* M = V + P * plane_stride(nb_max, C);
+    // Strides for a full block; torch's GEMM wants dense (P, rows, .) blocks, so with it a shorter last block
+    // packs its planes with rows instead of nb (the same buffer, smaller strides).
+    const int64_t v_floats = (P * plane_stride(nb, C) + 15) / 16 * 16;
+    std::unique_ptr<float[]> mem(new float[size_t(v_floats + P * plane_stride(nb, O) + 16)]);
+    float* V = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(mem.get()) + 63) & ~uintptr_t(63));
+    float* M = V + v_floats;
     for (int64_t b0 = ta; b0 < tb; b0 += nb) {
       const int64_t rows = std::min(nb, tb - b0);
       const int64_t ldv = torch_gemm ? rows * C : plane_stride(rows, C), ldm = torch_gemm ? rows * O : plane_stride(rows, O);
@@ -186,7 +188,9 @@ static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, con
                    py, pb, pr, H, W, C, O, th, tw, tile, planes, silu, inv_scale};
   const auto& k = kernels();
   const int64_t u_bytes = int64_t(planes) * C * O * 4, nt = std::max<int64_t>(1, num_threads());
-  const int64_t budget_own = l2_bytes() * 3 / 4, budget_torch = l2_bytes() * 3;
+  // Per-thread block budgets: 3/4 of L2 for our GEMM (V and M stay there); 3 x L2 for torch's (fewer blocks, so U is
+  // read less often), at most 16 MiB a thread.
+  const int64_t budget_own = l2_bytes() * 3 / 4, budget_torch = std::min<int64_t>(l2_bytes() * 3, int64_t(16) << 20);
   Schedule s = forced_schedule();
   if (s == Schedule::Auto) {
     if (k.winograd_gemm != nullptr && u_bytes <= (int64_t(3) << 20) && O >= 32) s = Schedule::Pipeline;
