@@ -66,6 +66,6 @@ PYBIND11_MODULE(_C, mod) {
   limits["cuda_attention_max_head_dim"] = ddpm_fast::limits::kCudaAttentionMaxHeadDim;
   limits["cuda_group_norm_max_channels_per_group"] = ddpm_fast::limits::kCudaGroupNormMaxChannelsPerGroup;
   mod.attr("limits") = limits;
-  // Which CPU kernel build runs here ("AVX2" or "DEFAULT"); DDPM_FAST_CPU_ISA can force one.
+  // Which CPU kernel build runs here ("AVX512", "AVX2" or "DEFAULT"); DDPM_FAST_CPU_ISA can force one.
   mod.def("cpu_isa", [] { return std::string(ddpm_fast::cpu::kernels().isa); });
 }

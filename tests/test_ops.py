@@ -158,8 +158,12 @@ def test_scheduler_step_matches_reference(fmt, dtype, shape):
 
 
 # Rows of (a_x, a_e, c0, c1, c2, noise_scale): the last has no noise term.
-STEP_TABLE = [(1.3, -0.4, 0.6, 0.35, 0.05, 0.2), (1.02, -0.2, 0.9, 0.1, 0.0, 0.07), (3.1, -2.9, 0.25, 0.7, -0.1, 0.5),
-              (1.0, -0.01, 0.99, 0.0, 0.0, 0.0)]
+STEP_TABLE = [
+    (1.3, -0.4, 0.6, 0.35, 0.05, 0.2),
+    (1.02, -0.2, 0.9, 0.1, 0.0, 0.07),
+    (3.1, -2.9, 0.25, 0.7, -0.1, 0.5),
+    (1.0, -0.01, 0.99, 0.0, 0.0, 0.0),
+]
 
 
 def _step_table(rows=STEP_TABLE, layout="contiguous"):
@@ -177,8 +181,8 @@ def test_scheduler_step_table_matches_reference(fmt, dtype, shape):
     g = torch.Generator().manual_seed(11)
     e, x, n = (_layout(torch.randn(shape, generator=g).to(dtype), fmt) for _ in range(3))
     op = torch.ops.ddpm_fast
-    for layout in ("contiguous", "column_major"):
-        table = _step_table(layout=layout)
+    for table_layout in ("contiguous", "column_major"):
+        table = _step_table(layout=table_layout)
         for i, row in enumerate(STEP_TABLE):
             coefs = tuple(float(v) for v in table[i])  # the float32 values the kernel reads
             for noise, clip in [(n, 1.0), (None, None), (n, None)]:
@@ -236,8 +240,10 @@ def test_scheduler_step_table_bad_inputs():
         (lambda: op(x, x, None, table, i, -1.0), "clip_range must be >= 0"),
         # Another device (meta stands in for one): the dispatcher runs the fake kernel, which words it as the
         # real kernels do.
-        (lambda: op(x, x, None, table.to("meta"), i, None),
-         r"scheduler_step_table: coefs is on meta but sample is on cpu \(all tensors must be on one device\)"),
+        (
+            lambda: op(x, x, None, table.to("meta"), i, None),
+            r"scheduler_step_table: coefs is on meta but sample is on cpu \(all tensors must be on one device\)",
+        ),
         (lambda: op(x, x, None, table, i.to("meta"), None), "index is on meta but sample is on cpu"),
         (lambda: op(x.to("meta"), x.to("meta"), None, table, i, None), "coefs is on cpu but sample is on meta"),
     ]
@@ -260,19 +266,33 @@ def test_scheduler_step_table_fake_raises_the_kernels_device_errors():
     x, t, i = (2, 3, 4, 4), (4, 6), (1,)
     op = torch.ops.ddpm_fast.scheduler_step_table
     cases = [
-        ((fake(x, "cuda:0"), fake(x, "cuda:0"), None, fake(t, "cpu"), fake(i, "cuda:0", torch.int64)),
-         "scheduler_step_table: coefs is on cpu but sample is on cuda:0 (all tensors must be on one device)"),
-        ((fake(x, "cuda:0"), fake(x, "cuda:0"), fake(x, "cuda:1"), fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64)),
-         "scheduler_step_table: noise is on cuda:1 but sample is on cuda:0 (all tensors must be on one device)"),
-        ((fake(x, "cuda:0"), fake(x, "cpu"), None, fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64)),
-         "scheduler_step_table (CUDA): sample must be a CUDA tensor, got device cpu"),
+        (
+            (fake(x, "cuda:0"), fake(x, "cuda:0"), None, fake(t, "cpu"), fake(i, "cuda:0", torch.int64)),
+            "scheduler_step_table: coefs is on cpu but sample is on cuda:0 (all tensors must be on one device)",
+        ),
+        (
+            (
+                fake(x, "cuda:0"),
+                fake(x, "cuda:0"),
+                fake(x, "cuda:1"),
+                fake(t, "cuda:0"),
+                fake(i, "cuda:0", torch.int64),
+            ),
+            "scheduler_step_table: noise is on cuda:1 but sample is on cuda:0 (all tensors must be on one device)",
+        ),
+        (
+            (fake(x, "cuda:0"), fake(x, "cpu"), None, fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64)),
+            "scheduler_step_table (CUDA): sample must be a CUDA tensor, got device cpu",
+        ),
     ]
     with mode:
         for args, text in cases:
             with pytest.raises(RuntimeError) as info:
                 op(*args, None)
             assert str(info.value) == text
-        prev, x0 = op(fake(x, "cuda:0"), fake(x, "cuda:0"), None, fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64), 1.0)
+        prev, x0 = op(
+            fake(x, "cuda:0"), fake(x, "cuda:0"), None, fake(t, "cuda:0"), fake(i, "cuda:0", torch.int64), 1.0
+        )
         assert prev.device == torch.device("cuda:0") and prev.shape == x0.shape == x
 
 
@@ -282,8 +302,11 @@ def test_scheduler_step_table_opcheck_and_compile():
     e, s, n = torch.randn(3, 2, 3, 5, 4).unbind(0)
     table = _step_table()
     op = torch.ops.ddpm_fast.scheduler_step_table.default
-    for ee, ss, nn in [(e, s, n), tuple(t.contiguous(memory_format=torch.channels_last) for t in (e, s, n)),
-                       (e.transpose(2, 3), s.transpose(2, 3).contiguous(), None)]:
+    for ee, ss, nn in [
+        (e, s, n),
+        tuple(t.contiguous(memory_format=torch.channels_last) for t in (e, s, n)),
+        (e.transpose(2, 3), s.transpose(2, 3).contiguous(), None),
+    ]:
         for i in (0, 3):
             torch.library.opcheck(op, (ee, ss, nn, table, torch.tensor([i]), 1.0))
             torch.library.opcheck(op, (ee, ss, nn, _step_table(layout="column_major"), torch.tensor(i), None))
@@ -310,16 +333,19 @@ def test_opcheck_all_ops():
     torch.manual_seed(0)
     x = torch.randn(2, 16, 5, 3)
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
-        torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default,
-                              (xx, 4, torch.randn(16), torch.randn(16), 1e-5, torch.randn(2, 16), True))
+        torch.library.opcheck(
+            torch.ops.ddpm_fast.group_norm_silu.default,
+            (xx, 4, torch.randn(16), torch.randn(16), 1e-5, torch.randn(2, 16), True),
+        )
         torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (xx, 8, None, None, 1e-6, None, False))
     q, k, v = torch.randn(1, 2, 7, 9), torch.randn(1, 2, 11, 9), torch.randn(1, 2, 11, 5)
     torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q, k, v, None))
     torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q[0], k[0], v[0], 0.5))
     e, s, n = torch.randn(3, 1, 3, 4, 4).unbind(0)
     torch.library.opcheck(torch.ops.ddpm_fast.scheduler_step.default, (e, s, n, 1.0, -0.5, 0.4, 0.5, 0.1, 0.3, 1.0))
-    torch.library.opcheck(torch.ops.ddpm_fast.scheduler_step.default,
-                          (e, s.transpose(2, 3), None, 1.0, -0.5, 0.4, 0.5, 0.1, 0.0, None))
+    torch.library.opcheck(
+        torch.ops.ddpm_fast.scheduler_step.default, (e, s.transpose(2, 3), None, 1.0, -0.5, 0.4, 0.5, 0.1, 0.0, None)
+    )
 
 
 @native
@@ -391,8 +417,13 @@ def fresh_loader(monkeypatch):
     monkeypatch.delenv("DDPM_FAST_DISABLE_NATIVE", raising=False)
 
     def use(c, info=None):
-        for name, value in [("_tried", False), ("_module", None), ("_error", None), ("_cuda_loaded", False),
-                            ("_cuda_error", None)]:
+        for name, value in [
+            ("_tried", False),
+            ("_module", None),
+            ("_error", None),
+            ("_cuda_loaded", False),
+            ("_cuda_error", None),
+        ]:
             monkeypatch.setattr(_native, name, value)
         imported = []
 
@@ -412,8 +443,15 @@ def fresh_loader(monkeypatch):
 
 
 def _fake_c(**kw):
-    attrs = dict(torch_version="2.10.0+cpu", target_version="2.10.0", cuda_library="", cuda_version="",
-                 limits={"cuda_attention_max_head_dim": 512}, cpu_isa=lambda: "AVX2", __file__=__file__)
+    attrs = dict(
+        torch_version="2.10.0+cpu",
+        target_version="2.10.0",
+        cuda_library="",
+        cuda_version="",
+        limits={"cuda_attention_max_head_dim": 512},
+        cpu_isa=lambda: "AVX2",
+        __file__=__file__,
+    )
     return types.SimpleNamespace(**{**attrs, **kw})
 
 
@@ -439,8 +477,9 @@ def test_newer_torch_than_the_build_is_accepted(fresh_loader, built):
 
 def test_older_torch_is_refused_before_importing_the_extension(fresh_loader):
     """_build_info (written at build time) lets the refusal happen, and name both versions, without loading _C."""
-    imported = fresh_loader(ImportError("must not be imported"),
-                            info=types.SimpleNamespace(torch_version="99.3.1", target_version="99.2.0"))
+    imported = fresh_loader(
+        ImportError("must not be imported"), info=types.SimpleNamespace(torch_version="99.3.1", target_version="99.2.0")
+    )
     assert not _native.available()
     msg = _native.load_error()
     assert "99.2.0" in msg and "99.3.1" in msg and torch.__version__ in msg, msg
@@ -450,8 +489,10 @@ def test_older_torch_is_refused_before_importing_the_extension(fresh_loader):
 def test_missing_and_broken_builds_are_explained(fresh_loader):
     fresh_loader(None)  # no _C, no _build_info: installed without the extension
     assert not _native.available() and "missing" in _native.load_error() and "reinstall" in _native.load_error()
-    fresh_loader(ImportError("undefined symbol: aoti_torch_new_thing"),
-                 info=types.SimpleNamespace(torch_version="2.11.0+cu130", target_version="2.10.0"))
+    fresh_loader(
+        ImportError("undefined symbol: aoti_torch_new_thing"),
+        info=types.SimpleNamespace(torch_version="2.11.0+cu130", target_version="2.10.0"),
+    )
     msg = _native.load_error()
     assert "undefined symbol: aoti_torch_new_thing" in msg and "2.11.0+cu130" in msg and torch.__version__ in msg, msg
     fresh_loader(types.SimpleNamespace(torch_version="2.5.1", with_cuda=False))  # a pre-stable-ABI build
@@ -485,7 +526,9 @@ def test_real_extension_reports_its_build():
     assert _native._version_tuple(torch.__version__) >= (2, 10, 0) and isinstance(c.torch_version, str)
     assert _native.limits()["cuda_attention_max_head_dim"] == 512
     assert _native.cpu_isa() in ("AVX512", "AVX2", "DEFAULT")
-    assert _native.has_cuda() == (torch.version.cuda is not None and bool(c.cuda_library) and _native.cuda_error() is None)
+    assert _native.has_cuda() == (
+        torch.version.cuda is not None and bool(c.cuda_library) and _native.cuda_error() is None
+    )
 
 
 _SERIAL_CHUNKS_CHECK = """
@@ -509,8 +552,13 @@ def test_group_norm_channels_last_needs_no_concurrent_chunks():
     """torch's stable parallel_for may run its chunks one after another; with DDPM_FAST_SERIAL_CHUNKS=1 the glue
     does exactly that, and channels_last GroupNorm of samples split between chunks must still finish (a
     barrier waiting for the other chunk would hang here) and be right."""
-    res = subprocess.run([sys.executable, "-c", _SERIAL_CHUNKS_CHECK], env={**os.environ, "DDPM_FAST_SERIAL_CHUNKS": "1"},
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", _SERIAL_CHUNKS_CHECK],
+        env={**os.environ, "DDPM_FAST_SERIAL_CHUNKS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 

@@ -189,7 +189,7 @@ def cuda_error() -> str | None:
 
 
 def cpu_isa() -> str | None:
-    """The CPU kernel build in use ("AVX2" or "DEFAULT"), None without the extension."""
+    """The CPU kernel build in use ("AVX512", "AVX2" or "DEFAULT"), None without the extension."""
     return _module.cpu_isa() if available() else None
 
 
