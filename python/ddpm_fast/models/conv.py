@@ -45,7 +45,7 @@ WINOGRAD_MIN_CHANNELS = 64
 # ... and with at least this many output tiles (N * ceil(H/m) * ceil(W/m) for m x m tiles): below, the GEMMs are
 # too thin and the transformed weight (16/9 or 36/9 the size of the original) makes them weight-bandwidth bound.
 # F(4x4) when it has that many 4x4 tiles, else F(2x2) when it has that many 2x2 tiles, else oneDNN.
-WINOGRAD_MIN_TILES = {4: 64, 2: 16}
+WINOGRAD_MIN_TILES = {4: 64, 2: 4}
 # 1x1 convolutions with at most this many output pixels (N*H*W) run as one GEMM ("gemm"); above, oneDNN's
 # blocked kernels are faster.
 GEMM_1X1_MAX_PIXELS = 1024
