@@ -21,7 +21,7 @@ import ddpm_fast
 from ddpm_fast import cuda_graphs, fast_path
 from ddpm_fast.models import conv as conv_mod
 from ddpm_fast.models.conv import Conv2d
-from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, TINY, pipeline_images, unet_pair
+from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, TINY, err, pipeline_images, unet_pair
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -88,6 +88,48 @@ def test_packed_conv_matches_f_conv2d(case, channels_last):
     torch.testing.assert_close(fused, F.silu(ref + other) / 2.0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(added, ref + other, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(broadcast, ref + other[:1], rtol=1e-5, atol=1e-5)
+
+
+GEMM_3X3_CASES = [
+    # (in, out, bias, input shape (N, H, W)): the 4x4 level at batch 1 and 2, odd sizes, a single pixel
+    (256, 256, True, (1, 4, 4)),
+    (64, 48, True, (2, 4, 4)),
+    (37, 19, False, (2, 3, 5)),
+    (5, 7, True, (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", GEMM_3X3_CASES, ids=str)
+def test_gemm_3x3_conv_matches_float64(case):
+    """Small fp32 3x3 convolutions run as one GEMM over im2col rows: against F.conv2d in float64 with residual,
+    SiLU and output scale; a changed weight is followed; one more pixel, NCHW input or bf16 leave the path."""
+    cin, cout, bias, (n, h, w) = case
+    torch.manual_seed(5)
+    conv = Conv2d(cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=CL)
+    other = torch.randn(n, cout, h, w).contiguous(memory_format=CL)
+
+    def ref(x, other=None, silu=False, scale=1.0):
+        b = None if conv.bias is None else conv.bias.double()
+        y = F.conv2d(x.double(), conv.weight.double(), b, padding=1)
+        y = y + other.double() if other is not None else y
+        return (F.silu(y) if silu else y) / scale
+
+    with torch.no_grad(), fast_path.record_paths() as paths:
+        outs = [conv(x), conv.forward_fused(x, other), conv.forward_fused(x, other, silu=True, output_scale=2.0)]
+        refs = [ref(x), ref(x, other), ref(x, other, True, 2.0)]
+        for edit in (lambda: conv.weight.mul_(-0.5), lambda: conv.weight.data.add_(0.01)):  # the copy must follow
+            edit()
+            outs.append(conv(x))
+            refs.append(ref(x))
+    assert paths["conv:gemm"] == 5 and paths["prepare:gemm"] == 3 and sum(paths.values()) == 8
+    for out, expected in zip(outs, refs):
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+        assert err(out, expected) <= 2e-6 * (1 + expected.abs().max().item())
+    assert conv_mod.conv_path(conv, x.contiguous()) != "gemm"
+    assert conv_mod.conv_path(copy.deepcopy(conv).bfloat16(), x.bfloat16()) != "gemm"
+    more = torch.randn(1, cin, 3, conv_mod.GEMM_3X3_MAX_PIXELS // 3 + 1).contiguous(memory_format=CL)
+    assert conv_mod.conv_path(conv, more) != "gemm"
 
 
 def test_packed_weight_is_rebuilt_when_the_weight_changes():
@@ -193,12 +235,14 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
     # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers), and at batch 1 all of them have
     # enough tiles (WINOGRAD_MIN_TILES: 64 of 4x4 for F(4x4), 4 of 2x2 for F(2x2)): the 11 at 32x32 run as F(4x4),
-    # the 36 at 16x16, 8x8 and 4x4 as F(2x2). The 13 1x1 shortcuts (at most 32x32 = GEMM_1X1_MAX_PIXELS pixels)
-    # run as one GEMM each; conv_in, conv_out and the 3 stride-2 downsamplers stay on oneDNN.
+    # the 22 at 16x16 and 8x8 as F(2x2); the 14 at 4x4 (16 pixels: GEMM_3X3_MAX_PIXELS) and the 13 1x1 shortcuts
+    # (at most 32x32 = GEMM_1X1_MAX_PIXELS pixels) run as one GEMM each; conv_in, conv_out and the 3 stride-2
+    # downsamplers stay on oneDNN.
     assert conv_mod.WINOGRAD_MIN_TILES == {4: 64, 2: 4} and conv_mod.GEMM_1X1_MAX_PIXELS == 1024
-    winograd = 47 if ddpm_fast.ops.native_available() else 0
-    assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:gemm"] == 13
-    assert stats["conv:packed"] == 65 - 13 - winograd and stats["conv:winograd4"] == (11 if winograd else 0)
+    assert conv_mod.GEMM_3X3_MAX_PIXELS == 32
+    winograd = 33 if ddpm_fast.ops.native_available() else 0
+    assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:gemm"] == 13 + 14
+    assert stats["conv:packed"] == 65 - 27 - winograd and stats["conv:winograd4"] == (11 if winograd else 0)
     assert stats["conv:plain"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
@@ -209,7 +253,7 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     torch.testing.assert_close(y_cl, y)
     with ddpm_fast.winograd(0), torch.no_grad(), fast_path.record_paths() as stats:
         y_packed = ours(x, 10).sample
-    assert stats["conv:packed"] == 65 - 13 and stats["conv:gemm"] == 13
+    assert stats["conv:packed"] == 65 - 27 and stats["conv:gemm"] == 27
     with ddpm_fast.winograd(2), torch.no_grad(), fast_path.record_paths() as stats:
         y_f2 = ours(x, 10).sample
     assert stats["conv:winograd2"] == winograd and stats["conv:winograd4"] == 0

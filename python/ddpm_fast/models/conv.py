@@ -6,9 +6,11 @@ picks one of
 * ``"winograd4"`` / ``"winograd2"``: fp32 3x3 stride-1 CPU convolutions with enough channels and output tiles, as
   Winograd F(4x4, 3x3) / F(2x2, 3x3) (:func:`ddpm_fast.ops.conv3x3_winograd`, 4x / 2.25x fewer multiplies) on
   the weight transformed once;
-* ``"gemm"``: 1x1 stride-1 CPU convolutions on few pixels (the shortcuts at batch 1): on channels_last activations a
-  1x1 convolution is one GEMM, ``(N*H*W, C) @ W^T``, and one ``addmm`` call (which reads the weight in place,
-  nothing prepared) costs less than oneDNN's per-call overhead there;
+* ``"gemm"``: 1x1 and fp32 3x3 stride-1 CPU convolutions on few pixels (the shortcuts at batch 1, the 4x4 level at
+  batch 1 and 2): on channels_last activations a 1x1 convolution is one GEMM, ``(N*H*W, C) @ W^T``, and a 3x3 one
+  is the same GEMM over the 9 shifted copies of the input (im2col, ``(N*H*W, 9C) @ (9C, O)``, the weight reordered
+  once). There the convolution is bound by reading its weight, which Winograd makes 16/9 larger, and one ``addmm``
+  costs less than oneDNN's per-call overhead;
 * ``"packed"``: the other CPU convolutions, on oneDNN with the weight reordered once into its blocked layout
   (``torch.ops.mkldnn._reorder_convolution_weight``) and a fused SiLU or residual add
   (``torch.ops.mkldnn._convolution_pointwise``, the ops torch.compile's CPU backend emits). PyTorch itself sends
@@ -37,7 +39,15 @@ from torch import nn
 from .. import fast_path, ops
 from .prepared import PreparedCache, trackable
 
-__all__ = ["Conv2d", "conv_path", "mkldnn_conv_supported", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES"]
+__all__ = [
+    "Conv2d",
+    "conv_path",
+    "mkldnn_conv_supported",
+    "WINOGRAD_MIN_CHANNELS",
+    "WINOGRAD_MIN_TILES",
+    "GEMM_1X1_MAX_PIXELS",
+    "GEMM_3X3_MAX_PIXELS",
+]
 
 # 3x3 stride-1 convolutions with at least this many input and output channels may run as Winograd: the 3-channel
 # image input/output convolutions lose to oneDNN.
@@ -49,6 +59,8 @@ WINOGRAD_MIN_TILES = {4: 64, 2: 4}
 # 1x1 convolutions with at most this many output pixels (N*H*W) run as one GEMM ("gemm"); above, oneDNN's
 # blocked kernels are faster.
 GEMM_1X1_MAX_PIXELS = 1024
+# ... and fp32 3x3 stride-1 ones with at most this many (4x4 at batch 2); above, Winograd F(2x2) is faster.
+GEMM_3X3_MAX_PIXELS = 32
 
 _CAPABILITY: dict[torch.dtype, bool] = {}  # compute dtype -> packed oneDNN probe passed
 _CAPABILITY_LOCK = threading.Lock()
@@ -140,14 +152,22 @@ def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return 0
 
 
-def _gemm_1x1(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    return (
-        conv.kernel_size == (1, 1)
-        and conv.stride == (1, 1)
-        and conv.padding == (0, 0)
+def _gemm(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    if not (
+        conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
         and conv.groups == 1
-        and x.shape[0] * x.shape[2] * x.shape[3] <= GEMM_1X1_MAX_PIXELS
         and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return False
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+        return pixels <= GEMM_1X1_MAX_PIXELS
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and x.dtype == torch.float32
+        and pixels <= GEMM_3X3_MAX_PIXELS
     )
 
 
@@ -169,11 +189,11 @@ def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = Non
         return "plain"
     if x.is_cpu:
         exact_other = other is None or other.shape == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
+        if exact_other and _gemm(conv, x):
+            return "gemm"
         tile = _winograd_tile(conv, x)
         if tile and exact_other:
             return "winograd4" if tile == 4 else "winograd2"
-        if exact_other and _gemm_1x1(conv, x):
-            return "gemm"
         return "packed" if _packed_compute_dtype(x.dtype) is not None else "plain"
     if x.is_cuda and x.is_contiguous(memory_format=torch.channels_last):
         return "cuda_nhwc"
@@ -241,17 +261,28 @@ class Conv2d(nn.Conv2d):
         return ops.winograd_weight(self.weight, tile), None if b is None else b.detach().float().contiguous()
 
     def _gemm(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
-        """1x1 convolution of channels_last ``x`` as ``(N*H*W, C) @ W^T`` (+ bias, + other) in one addmm."""
+        """1x1 or 3x3 convolution of channels_last ``x`` as one GEMM of its (im2col) rows, ``(N*H*W, K) @ (K, O)``,
+        + bias, + other; the result is channels_last."""
         n, c, h, w = x.shape
-        weight = self.weight.view(self.out_channels, c)
-        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
+        o = self.out_channels
+        if self.kernel_size == (1, 1):
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
+            weight = self.weight.view(o, c).t()
+        else:  # rows of the 3x3 neighbourhoods in (kh, kw, c) order, which the reordered weight's rows follow
+            padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+            rows = padded.unfold(1, 3, 1).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3).reshape(n * h * w, 9 * c)
+            weight = self._prepared.get(
+                ("gemm",),
+                (self.weight,),
+                lambda: self.weight.detach().permute(2, 3, 1, 0).reshape(9 * c, o).contiguous(),
+            )
         if other is None:
-            y = F.linear(rows, weight, self.bias)
+            y = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
         else:
-            y = torch.addmm(other.permute(0, 2, 3, 1).reshape(n * h * w, self.out_channels), rows, weight.t())
+            y = torch.addmm(other.permute(0, 2, 3, 1).reshape(n * h * w, o), rows, weight)
             if self.bias is not None:
                 y = y.add_(self.bias)
-        return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+        return y.view(n, h, w, o).permute(0, 3, 1, 2)
 
     def _packed(self, x: torch.Tensor, other: torch.Tensor | None, silu: bool) -> torch.Tensor:
         compute = _packed_compute_dtype(x.dtype)
