@@ -10,8 +10,8 @@
 //     in blocks of nb tiles: input transform -> the planes' GEMMs (the kernel table's register-blocked GEMM,
 //     single-threaded) -> output transform, with no synchronisation between stages or threads. nb is set so
 //     that the block's V (planes x nb x C) and M (planes x nb x O) fill 3/4 of one core's L2; only x, U (read
-//     once per block) and y move between cores and memory. With the AVX-512 transforms this is 1.1-1.3x the
-//     batched schedule at 128 channels.
+//     once per block) and y move between cores and memory (faster than the batched schedule at 128 channels:
+//     figures in bench/results/cpu-intel-xeon-avx512/).
 //   pipeline, torch's GEMM (many tiles: T >= 2 x threads x nb): the same, with bigger blocks (3 x L2) whose
 //     GEMMs go to torch's batched GEMM (MKL / oneDNN / OpenBLAS, sequential inside the parallel region). For
 //     large U our GEMM loses to MKL's (it streams U from L3 at about half MKL's rate), and for O < 32 it

@@ -217,12 +217,12 @@ void output_tiles_any(const float* M, int64_t ldm, int64_t ldr, float* y, const 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Register-blocked GEMM of one plane (AVX512 only: an AVX2 version with 6 x 16 blocks in 16 ymm registers was
-// 1.3-3x slower than torch's batched GEMM, so that build has none): rows x cols of M = A (rows x K, row stride
+// Register-blocked GEMM of one plane (AVX512 only: an AVX2 version with 6 x 16 blocks in 16 ymm registers lost
+// to torch's batched GEMM, so that build has none): rows x cols of M = A (rows x K, row stride
 // lda) @ B (K x cols, row stride ldb), R = 12 rows and NV = 2 vectors (32 columns) at a time, the 24
 // accumulators in zmm registers (24 FMAs per 2 loads of B and 12 broadcasts of A), B read straight from the
 // transformed weight: one 32-column panel (K x 128 bytes) is reused from L1 by every row group. 12 x 32 beat
-// 6 x 64, 8 x 48 and 14 x 32 here (~215 GFLOP/s per core with the panel in L1, ~200 from L2).
+// 6 x 64, 8 x 48 and 14 x 32 (rates in csrc/README.md).
 constexpr int kGemmR = 12, kGemmNV = 2;
 
 // Software prefetch of the next plane's weight chunk (K rows of `len` floats, `skip` floats apart) in memory
