@@ -152,6 +152,10 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
     const int64_t work = N * C * HW;
     int64_t nt = std::min<int64_t>(num_threads(), np);
     if (work < 16384) nt = 1;
+    // Below 128 pixels a sample is not worth splitting: the per-channel work every participant of a split sample
+    // repeats (coefficients, statistics hand-over) outweighs its share of the pixels (batch 1 at 8x8 ran slower
+    // on two threads than on one), so there are at most as many participants as samples.
+    if (HW < 128) nt = std::min(nt, N);
     auto lo = [&](int64_t i) { return i * np / nt; };
     // A participant shares at most two samples with others: the one of its first piece (flag 2i) and the one
     // of its last (flag 2i + 1); each flag on its own cache line, written by the thread that computes that part.
