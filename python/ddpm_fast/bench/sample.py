@@ -25,25 +25,9 @@ import torch
 from . import common, engines, unet
 
 VARIANTS = {**engines.VARIANTS, "ddpm_fast_nograph": "ddpm_fast's pipeline with CUDA graphs off"}
-CPU_VARIANTS = [
-    "diffusers_eager",
-    "diffusers_channels_last",
-    "onnxruntime",
-    "openvino",
-    "diffusers_compile",
-    "ddpm_fast_compile",
-    "ddpm_fast",
-]
-CUDA_VARIANTS = [
-    "diffusers_eager",
-    "diffusers_channels_last",
-    "onnxruntime",
-    "diffusers_compile",
-    "diffusers_compile_max_autotune",
-    "ddpm_fast_compile",
-    "ddpm_fast_nograph",
-    "ddpm_fast",
-]
+# The UNet benchmark's peers, plus (CUDA) the pipeline without graphs just before ddpm_fast.
+CPU_VARIANTS = list(unet.CPU_VARIANTS)
+CUDA_VARIANTS = [v for v in unet.CUDA_VARIANTS if v != "ddpm_fast"] + ["ddpm_fast_nograph", "ddpm_fast"]
 
 NOTES = (
     "ms_median: median over interleaved rounds of one pipe(...) call (noise, every step, postprocessing) divided by "
