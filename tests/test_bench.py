@@ -183,6 +183,7 @@ ALL_UNET = [
     "diffusers_compile_max_autotune",
     "ddpm_fast_compile",
     "ddpm_fast_reference",
+    "ddpm_fast_noplans",
     "ddpm_fast",
 ]
 
@@ -293,6 +294,7 @@ def test_sample_bench_runs_whole_pipelines_with_the_peers_on_diffusers_scheduler
         "ddpm_fast_compile",
         "ddpm_fast_nograph",
         "ddpm_fast_reference",
+        "ddpm_fast_noplans",
         "ddpm_fast",
     ]
     code = sample.main(

@@ -25,9 +25,12 @@ Winograd ``0`` / ``2`` (``set_winograd``, 3x3 convolutions stay on oneDNN / use 
 ``DDPM_FAST_WINOGRAD=0|2``)
 ``DDPM_FAST_CUDA_GRAPHS=0``,              the denoising loop runs eagerly instead of replaying a CUDA graph
 ``pipe.enable_cuda_graphs(False)``
+``DDPM_FAST_CPU_PLANS=0``,                the UNet's CPU forward runs its Python code on every call instead of
+``with cpu_plans(False)``                 replaying the op list recorded for its input signature
+                                          (:mod:`ddpm_fast.models.plans`)
 ========================================  =====================================================================
 
-The choice of backend and Winograd tiles is a :class:`Policy` held in a :mod:`contextvars` variable, so
+The choice of backend, Winograd tiles and CPU plans is a :class:`Policy` held in a :mod:`contextvars` variable, so
 threads, asyncio tasks and ``with`` blocks never see each other's settings; new threads start from the
 environment's defaults. ``torch.compile`` cannot read a context variable, so each thread also keeps a mirror
 of its latest setting, which the compiler reads (and guards on) while tracing.
@@ -50,6 +53,7 @@ __all__ = [
     "WINOGRAD_TILES",
     "Policy",
     "backend",
+    "cpu_plans",
     "current",
     "fused_backend",
     "fused_step",
@@ -58,6 +62,7 @@ __all__ = [
     "record_paths",
     "set_backend",
     "set_winograd",
+    "use_cpu_plan",
     "use_fused",
     "winograd",
 ]
@@ -68,6 +73,7 @@ BACKENDS = ("fused", "reference")
 WINOGRAD_TILES = (0, 2, 4)
 _ENV_BACKEND = "DDPM_FAST_BACKEND"
 _ENV_WINOGRAD = "DDPM_FAST_WINOGRAD"
+_ENV_PLANS = "DDPM_FAST_CPU_PLANS"
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Policy:
 
     backend: str = "fused"
     winograd: int = 4
+    cpu_plans: bool = True
 
 
 def _check_backend(name: object, where: str) -> str:
@@ -92,12 +99,22 @@ def _check_winograd(max_tile: object, where: str) -> int:
     return int(max_tile)  # type: ignore[arg-type]
 
 
+def _env_flag(name: str, default: str) -> bool:
+    value = os.environ.get(name, default).strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"environment variable {name}={value!r}: expected 1/0 (or true/false, on/off)")
+
+
 def _from_env() -> Policy:
     name = os.environ.get(_ENV_BACKEND, "fused").strip().lower() or "fused"
     tile = os.environ.get(_ENV_WINOGRAD, "4").strip() or "4"
     return Policy(
         backend=_check_backend(name, f"environment variable {_ENV_BACKEND}"),
         winograd=_check_winograd(int(tile) if tile.isdigit() else tile, f"environment variable {_ENV_WINOGRAD}"),
+        cpu_plans=_env_flag(_ENV_PLANS, "1"),
     )
 
 
@@ -172,6 +189,19 @@ def winograd(max_tile: int) -> Iterator[None]:
         _restore(token, previous)
 
 
+@contextlib.contextmanager
+def cpu_plans(enabled: bool) -> Iterator[None]:
+    """``with ddpm_fast.fast_path.cpu_plans(False): ...`` runs the UNet's CPU forward eagerly inside the block."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous = current()
+    token = _install(replace(previous, cpu_plans=enabled))
+    try:
+        yield
+    finally:
+        _restore(token, previous)
+
+
 # -- decisions ---------------------------------------------------------------------------------------------
 
 
@@ -211,6 +241,14 @@ def prepared_weights_allowed() -> bool:
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
+def use_cpu_plan(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether ``module``'s fused forward on ``x`` may be replayed from a recorded plan: plans on, a CPU input,
+    ``module`` in eval mode, and not inside a compiler's or tracer's trace (which records the forward itself).
+    The caller has checked :func:`use_fused`; :class:`~ddpm_fast.models.plans.ForwardPlans` checks the rest
+    (hooks, submodule modes, parameter changes) on every call."""
+    return current().cpu_plans and x.is_cpu and not module.training and prepared_weights_allowed()
+
+
 def winograd_max_tile() -> int:
     return current().winograd
 
@@ -235,6 +273,13 @@ def record_paths() -> Iterator[Counter]:
         yield counts
     finally:
         _RECORDER.reset(token)
+
+
+def add_notes(counts: Counter) -> None:
+    """Add ``counts`` (paths noted elsewhere, e.g. while a plan was recorded) to the active block, if any."""
+    active = _RECORDER.get()
+    if active is not None:
+        active.update(counts)
 
 
 def note(path: str) -> None:

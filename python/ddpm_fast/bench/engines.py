@@ -17,6 +17,7 @@ variant                            what runs the UNet forward
 ``diffusers_compile_max_autotune`` the same with ``mode="max-autotune"``
 ``ddpm_fast_compile``              ``torch.compile(fullgraph=True)`` of ddpm_fast's UNet
 ``ddpm_fast``                      ddpm_fast's ``UNet2DModel``, eager, fused path
+``ddpm_fast_noplans``              the same with CPU forward plans off (every call decides its ops in Python)
 ``ddpm_fast_reference``            ddpm_fast's UNet on the reference backend (the pure-PyTorch mirror of diffusers)
 =================================  ==================================================================================
 
@@ -49,6 +50,7 @@ VARIANTS: dict[str, str] = {
     "diffusers_compile_max_autotune": 'torch.compile(diffusers UNet, mode="max-autotune")',
     "ddpm_fast_compile": "torch.compile(ddpm_fast UNet, fullgraph=True)",
     "ddpm_fast": "ddpm_fast UNet2DModel, eager (fused path)",
+    "ddpm_fast_noplans": "ddpm_fast UNet2DModel, eager (fused path), CPU forward plans off",
     "ddpm_fast_reference": "ddpm_fast UNet2DModel on the reference backend",
 }
 PEERS = (
@@ -262,6 +264,17 @@ def _openvino(src: Source) -> Engine:
     return Engine("openvino", forward, None, {"convert": convert_s, "compile": compile_s}, info)
 
 
+def variant_scope(name: str) -> contextlib.AbstractContextManager:
+    """The ddpm_fast setting a ``ddpm_fast*`` variant runs under (reference backend, plans off, or none)."""
+    import ddpm_fast
+
+    if name == "ddpm_fast_reference":
+        return ddpm_fast.backend("reference")
+    if name == "ddpm_fast_noplans":
+        return ddpm_fast.fast_path.cpu_plans(False)
+    return contextlib.nullcontext()
+
+
 def build(name: str, src: Source) -> Engine:
     """The engine ``name`` (see :data:`VARIANTS`); raises :class:`Skipped` when it cannot run here."""
     t0 = time.perf_counter()
@@ -273,19 +286,17 @@ def build(name: str, src: Source) -> Engine:
         if name.startswith("diffusers_compile"):
             unet, info = _compile(unet, src, "max-autotune" if name.endswith("max_autotune") else None)
         return _torch_engine(name, unet, {"build": time.perf_counter() - t0}, **info)
-    if name in ("ddpm_fast", "ddpm_fast_compile", "ddpm_fast_reference"):
+    if name in ("ddpm_fast", "ddpm_fast_compile", "ddpm_fast_reference", "ddpm_fast_noplans"):
         unet = _fast_unet(src)
         info = {}
         if name == "ddpm_fast_compile":
             unet, info = _compile(unet, src, None, fullgraph=True)
         engine = _torch_engine(name, unet, {"build": time.perf_counter() - t0}, **info)
-        if name == "ddpm_fast_reference":
-            import ddpm_fast
-
+        if name in ("ddpm_fast_reference", "ddpm_fast_noplans"):
             inner = engine.forward
 
             def forward(x, t):
-                with ddpm_fast.backend("reference"):
+                with variant_scope(name):
                     return inner(x, t)
 
             engine.forward = forward

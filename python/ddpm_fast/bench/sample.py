@@ -48,11 +48,11 @@ def build_pipeline(name: str, src: engines.Source, scheduler_config: dict[str, A
         if name == "ddpm_fast_nograph":
             pipe.enable_cuda_graphs(False)
         pipe.set_progress_bar_config(disable=True)
-        if name == "ddpm_fast_reference":
+        if name in ("ddpm_fast_reference", "ddpm_fast_noplans"):
             inner = pipe
 
             def pipe(**kwargs):
-                with ddpm_fast.backend("reference"):
+                with engines.variant_scope(name):
                     return inner(**kwargs)
 
         return pipe, engine

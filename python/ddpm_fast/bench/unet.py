@@ -40,6 +40,7 @@ CPU_VARIANTS = [
     "openvino",
     "diffusers_compile",
     "ddpm_fast_compile",
+    "ddpm_fast_noplans",
     "ddpm_fast",
 ]
 CUDA_VARIANTS = [

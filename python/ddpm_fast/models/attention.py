@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import fast_path, ops
 from .prepared import PreparedCache, trackable
-from .resnet import make_group_norm
+from .resnet import _dropout, make_group_norm
 
 
 class Attention(nn.Module):
@@ -135,7 +135,7 @@ class Attention(nn.Module):
         )
         attn = ops.attention(q, k, v, self.scale)
         out = attn.transpose(1, 2).reshape(batch, -1, self.inner_dim).to(q.dtype)
-        out = self.to_out[1](self.to_out[0](out))  # (B, HW, C)
+        out = _dropout(self.to_out[1], self.to_out[0](out))  # (B, HW, C)
         # (B, HW, C) -> channels_last (B, C, H, W) view with canonical strides (so that F.pad and torch.cat
         # downstream recognise the format even at batch 1)
         out = out.reshape(batch, height, width, channel).permute(0, 3, 1, 2)

@@ -218,6 +218,12 @@ def shares_time_projection(resnet: nn.Module) -> bool:
     )
 
 
+def _dropout(layer: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, not called where it is the identity (eval mode or p = 0): a recorded plan
+    (:mod:`~ddpm_fast.models.plans`) would otherwise hold a copy of ``x`` in its place."""
+    return layer(x) if layer.training and layer.p > 0 else x
+
+
 # -- residual block ----------------------------------------------------------------------------------
 
 
@@ -327,7 +333,7 @@ class ResnetBlock2D(nn.Module):
     def _finish_fused(self, input_tensor: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(shortcut(x) + conv2(dropout(h))) / output_scale_factor`` with the add and the scale folded
         into conv2 (oneDNN's sum post-op on the CPU)."""
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = _dropout(self.dropout, hidden_states)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
         return self.conv2.forward_fused(hidden_states, other=input_tensor, output_scale=self.output_scale_factor)

@@ -14,6 +14,7 @@ from ..utils.outputs import BaseOutput
 from .conv import Conv2d
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling_utils import ModelMixin
+from .plans import ForwardPlans
 from .prepared import PreparedCache, trackable
 from .resnet import TimeProjections, make_group_norm, shares_time_projection
 from .unet_2d_blocks import get_down_block, get_mid_block, get_up_block
@@ -195,6 +196,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         # state-dict keys nor module traversal change.
         self._shared_temb_resnets = [m for m in self.modules() if shares_time_projection(m)]
         self._prepared = PreparedCache(limit=1)
+        self._plans = ForwardPlans()
 
     @staticmethod
     def _validate_config(
@@ -279,6 +281,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .half(): drop the old copy now rather than at next use
         self._prepared.clear()
+        self._plans.clear()
         return super()._apply(fn, recurse)
 
     def _timesteps(self, timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -325,9 +328,34 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         ``UNet2DOutput(sample=...)``, or ``(sample,)`` when ``return_dict`` is False.
         """
         self._check_sample(sample)
+        timesteps = self._timesteps(timestep, sample)
+        if self.class_embedding is not None and class_labels is None:
+            raise ValueError("class_labels must be given: this model is class-conditioned (class embedding configured)")
+        if self.class_embedding is None and class_labels is not None:
+            raise ValueError(
+                "class_labels were given but this model has no class embedding "
+                "(set num_class_embeds or class_embed_type)"
+            )
+        fused = fast_path.use_fused(sample, self)
+        if fused and fast_path.use_cpu_plan(sample, self):
+            sample = self._plans.run(self, self._denoise_fused, (sample, timesteps, class_labels))
+        else:
+            sample = self._denoise(sample, timesteps, class_labels, fused)
+        if not return_dict:
+            return (sample,)
+        return UNet2DOutput(sample=sample)
+
+    def _denoise_fused(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._denoise(sample, timesteps, class_labels, True)
+
+    def _denoise(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None, fused: bool
+    ) -> torch.Tensor:
+        """The forward on checked inputs (``timesteps``: 1-d, length 1 or batch), as a function of tensors."""
         # Fused path: activations run channels_last (packed oneDNN convs on the CPU produce it; on CUDA the
         # input is converted once here); the output comes back in the input's memory format.
-        fused = fast_path.use_fused(sample, self)
         input_is_nchw = sample.is_contiguous()
         if fused and sample.device.type == "cuda" and sample.shape[1] > 1:
             sample = sample.contiguous(memory_format=torch.channels_last)
@@ -335,25 +363,15 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             sample = 2 * sample - 1.0
 
         # 1. time
-        timesteps = self._timesteps(timestep, sample)
         timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
         t_emb = self.time_proj(timesteps)
         # time_proj returns float32; the MLP may run in half precision.
         emb = self.time_embedding(t_emb.to(dtype=self.dtype))
 
         if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError(
-                    "class_labels must be given: this model is class-conditioned (class embedding configured)"
-                )
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(class_labels).to(dtype=self.dtype)
             emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
-        elif class_labels is not None:
-            raise ValueError(
-                "class_labels were given but this model has no class embedding "
-                "(set num_class_embeds or class_embed_type)"
-            )
 
         if fused and fast_path.prepared_weights_allowed():
             emb = self._time_projections(emb)
@@ -399,7 +417,4 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
         if fused and input_is_nchw and not sample.is_contiguous():
             sample = sample.contiguous()
-
-        if not return_dict:
-            return (sample,)
-        return UNet2DOutput(sample=sample)
+        return sample

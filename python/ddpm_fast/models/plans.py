@@ -1,0 +1,226 @@
+"""Forward plans: a model's fused CPU forward recorded once per input signature and replayed as straight-line code.
+
+At batch 1 the UNet's fused forward is a few hundred small ops, and deciding each one in Python (which path,
+which prepared copy, which memory format) costs as much as a large share of the arithmetic. A plan records the
+ops one forward actually ran (``make_fx`` in real mode: the aten, oneDNN and ddpm_fast ops with the prepared
+weights as constants) and replays that op list on later calls with inputs of the same shapes, dtypes and
+strides, under the same :mod:`~ddpm_fast.fast_path` policy. A replay runs the same kernels on the same operands,
+so its output equals the eager forward's bit for bit.
+
+A plan is only replayed while it is still the forward the model would run:
+
+* it is recorded on the second call with a given input signature, after an eager call with it (which built the
+  prepared copies, so the recording holds only the forward's own ops; a recording that prepared a weight is
+  dropped and tried again on the next call);
+* every call checks that every module still holds the same children, parameters and buffers (by identity),
+  that no parameter or buffer changed (data pointer, version counter, uses of ``.data``:
+  :mod:`~ddpm_fast.models.prepared`), that every module is in eval mode and that no forward hook is registered,
+  on a submodule or globally (about 0.2 ms for the cifar10-32 UNet); any difference drops the plans and the call
+  runs eagerly (and records again on the next one).
+
+:func:`ddpm_fast.fast_path.use_cpu_plan` says when plans may be used at all (``DDPM_FAST_CPU_PLANS=0`` or
+``with ddpm_fast.fast_path.cpu_plans(False)`` turns them off). A replay adds the paths its recording noted to an
+active :func:`~ddpm_fast.fast_path.record_paths` block, so path counts read the same either way.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+from .. import fast_path
+from ..utils.warn import warn_once
+from .prepared import TrackedParameter, _signature, trackable
+
+__all__ = ["ForwardPlans"]
+
+_FAILED = object()  # recording raised: this signature runs eagerly from now on
+
+
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.storage_offset())
+
+
+def _global_hooks() -> bool:
+    g = _module_globals
+    return bool(
+        getattr(g, "_global_forward_hooks", None)
+        or getattr(g, "_global_forward_pre_hooks", None)
+        or getattr(g, "_global_forward_hooks_always_called", None)
+    )
+
+
+def _tensor_versions(tensors) -> list[tuple]:
+    return [(t.data_ptr(), t._version, t.__dict__.get("_ddpm_fast_data_uses", 0)) for t in tensors]
+
+
+def _versions(model: nn.Module) -> list[tuple] | None:
+    """The versions of every parameter and buffer (None when one has no version counter)."""
+    try:
+        return _tensor_versions([*model.parameters(), *model.buffers()])
+    except RuntimeError:  # inference tensors
+        return None
+
+
+class _State:
+    """What the model's plans were recorded against: which module holds which children, parameters and buffers
+    (by identity), and every parameter's and buffer's data pointer, version and ``.data`` uses."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.modules())
+        self.layout = self._layout()
+        self.tensors = [*model.parameters(), *model.buffers()] if self.layout is not None else []
+        for t in self.tensors:
+            _signature(t)  # makes each parameter a TrackedParameter, so that edits through .data are seen
+        self.versions = self._versions()
+
+    def _layout(self) -> list[int] | None:
+        """None when a module is in train mode or has a forward hook; else the ids of every module's children,
+        parameters and buffers, each group preceded by its length."""
+        out: list[int] = []
+        for m in self.modules:
+            if m.training or m._forward_hooks or m._forward_pre_hooks:
+                return None
+            for d in (m._modules, m._parameters, m._buffers):
+                out.append(len(d))
+                out.extend(map(id, d.values()))
+        return out
+
+    def _versions(self) -> list[tuple]:
+        return _tensor_versions(self.tensors)
+
+    def current(self) -> bool:
+        if _global_hooks():
+            return False
+        return self._layout() == self.layout and self._versions() == self.versions
+
+
+def _trackable(model: nn.Module) -> bool:
+    """Whether every parameter and buffer has a version counter (not made under inference mode)."""
+    return all(trackable(p) for p in model.parameters()) and not any(b.is_inference() for b in model.buffers())
+
+
+class _Plan:
+    __slots__ = ("graph", "notes")
+
+    def __init__(self, graph: Callable, notes: Counter):
+        self.graph, self.notes = graph, notes
+
+
+class ForwardPlans:
+    """The plans of one model, keyed by input signature and policy (at most ``limit``, the oldest dropped)."""
+
+    def __init__(self, limit: int = 4):
+        self.limit = limit
+        self._plans: dict[tuple, _Plan | object] = {}
+        self._state: _State | None = None
+        # The input signature and parameter versions of the last eager call: a recording follows an eager call
+        # with both the same, whose prepared copies are then current.
+        self._seen: tuple | None = None
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self._state = None
+            self._seen = None
+
+    def __len__(self) -> int:
+        return sum(isinstance(p, _Plan) for p in self._plans.values())
+
+    # Plans hold recorded graphs and a lock, which neither pickle nor deepcopy: a copy starts empty.
+    def __getstate__(self) -> dict:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["limit"])
+
+    def __deepcopy__(self, memo) -> "ForwardPlans":
+        return ForwardPlans(self.limit)
+
+    def run(self, model: nn.Module, forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None]):
+        """``forward(*inputs)`` (a function of tensors and Nones only, returning a tensor): replayed from a plan
+        where one is current, otherwise eagerly (recording a plan when this signature was seen just before)."""
+        key = (fast_path.current(), tuple(_meta(t) for t in inputs))
+        state = self._state
+        if state is not None and not state.current():
+            self.clear()  # the model changed: every plan may be stale
+            state = None
+        plan = self._plans.get(key) if state is not None else None
+        if isinstance(plan, _Plan):
+            fast_path.add_notes(plan.notes)
+            fast_path.note("plan:replay")
+            return plan.graph(*inputs)
+        if plan is _FAILED:
+            return forward(*inputs)
+        seen = (key, _versions(model))
+        if self._seen != seen:
+            self._seen = seen
+            return forward(*inputs)
+        with self._lock:
+            if self._state is None:
+                if not _trackable(model):
+                    self._plans[key] = _FAILED
+                    return forward(*inputs)
+                state = _State(model)
+                if state.layout is None:  # hooks or train mode: a recording would leave them out
+                    self._seen = None
+                    return forward(*inputs)
+                self._state = state
+            plan = self._record(model, forward, inputs)
+            if plan is None:  # a weight was prepared while recording: the next call records again
+                return forward(*inputs)
+            if len(self._plans) >= self.limit:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        if isinstance(plan, _Plan):
+            fast_path.add_notes(plan.notes)
+            fast_path.note("plan:record")
+            return plan.graph(*inputs)
+        return forward(*inputs)
+
+    def _record(self, model: nn.Module, forward: Callable, inputs: Sequence[torch.Tensor | None]):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        # Recording inputs outside inference mode (inference tensors would be recorded as copies); the graph
+        # takes the tensors only, the Nones stay where they were.
+        with torch.inference_mode(False):
+            examples = [t.clone() for t in inputs if t is not None]
+        present = [t is not None for t in inputs]
+
+        def tensors_only(*tensors: torch.Tensor) -> torch.Tensor:
+            it = iter(tensors)
+            return forward(*(next(it) if p else None for p in present))
+
+        # make_fx refuses parameter subclasses: tracked parameters record as the plain ones they are.
+        tracked = [t for t in model.parameters() if type(t) is TrackedParameter]
+        try:
+            for t in tracked:
+                t.__class__ = nn.Parameter
+            with fast_path.record_paths() as notes, torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = make_fx(tensors_only, tracing_mode="real")(*examples)
+        except Exception as exc:  # noqa: BLE001 (any failure: this signature stays eager, which is always right)
+            if any(k.startswith("prepare:") for k in notes):
+                return None  # a stale prepared copy was rebuilt while recording: record again next time
+            warn_once(
+                "cpu-plan-failed",
+                f"ddpm_fast: recording a CPU forward plan failed ({type(exc).__name__}: {exc}); "
+                "this input signature runs eagerly",
+                stacklevel=4,
+            )
+            return _FAILED
+        finally:
+            for t in tracked:
+                t.__class__ = TrackedParameter
+        if any(k.startswith("prepare:") for k in notes):
+            return None
+        return _Plan(lambda *args: graph(*(t for t in args if t is not None)), notes)
