@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_fast
+import helpers
 from ddpm_fast import cuda_graphs, fast_path
 from ddpm_fast.models import conv as conv_mod
+from ddpm_fast.models import linear as linear_mod
+from ddpm_fast.models import prepared
 from ddpm_fast.models.conv import Conv2d
 from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, TINY, err, pipeline_images, unet_pair
 
@@ -122,7 +125,9 @@ def test_gemm_3x3_conv_matches_float64(case):
             edit()
             outs.append(conv(x))
             refs.append(ref(x))
-    assert paths["conv:gemm"] == 5 and paths["prepare:gemm"] == 3 and sum(paths.values()) == 8
+    packed = 5 if n * h * w >= linear_mod.PACKED_LINEAR_MIN_ROWS and linear_mod.packed_linear_supported() else 0
+    assert paths["conv:gemm"] == 5 and paths["prepare:gemm"] == 3 and paths["linear:packed"] == packed
+    assert sum(paths.values()) == 8 + packed
     for out, expected in zip(outs, refs):
         assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
         assert err(out, expected) <= 2e-6 * (1 + expected.abs().max().item())
@@ -130,6 +135,35 @@ def test_gemm_3x3_conv_matches_float64(case):
     assert conv_mod.conv_path(copy.deepcopy(conv).bfloat16(), x.bfloat16()) != "gemm"
     more = torch.randn(1, cin, 3, conv_mod.GEMM_3X3_MAX_PIXELS // 3 + 1).contiguous(memory_format=CL)
     assert conv_mod.conv_path(conv, more) != "gemm"
+
+
+@pytest.mark.parametrize("rows, k, n", [(16, 256, 768), (37, 19, 5), (1024, 384, 128)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_packed_linear_matches_float64_and_follows_the_weight(rows, k, n, bias, residual):
+    """oneDNN's packed linear (the gemm convolutions' and attention's GEMMs): against F.linear in float64 and
+    fp32, odd sizes, with and without bias and residual; an in-place edit of the weight is followed."""
+    if not linear_mod.packed_linear_supported():
+        pytest.skip("oneDNN packed linear unavailable in this torch build")
+    gen = torch.Generator().manual_seed(helpers.seed_of(rows, k, n, bias, residual))
+    layer = torch.nn.Linear(k, n, bias=bias)
+    x, other = torch.randn(rows, k, generator=gen), torch.randn(rows, n, generator=gen)
+    cache = prepared.PreparedCache()
+    for step in range(2):
+        with torch.no_grad():
+            assert linear_mod.usable(x, layer.weight, layer.bias)
+            y = linear_mod.packed_linear(
+                cache, ("t",), (layer.weight,), lambda: layer.weight, layer.bias, x, other if residual else None
+            )
+            ref64 = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+            ref32 = F.linear(x, layer.weight, layer.bias)
+            if residual:
+                ref64, ref32 = ref64 + other.double(), ref32 + other
+            helpers.assert_close_rule(y, ref32, ref64, torch.float32, f"packed linear step {step}", relative=True)
+            layer.weight.mul_(-0.5)
+    assert len(cache) == 1  # one row count: one packed copy, rebuilt after the edit
+    assert not linear_mod.usable(x.bfloat16(), layer.weight.bfloat16())
+    assert not linear_mod.usable(x[: linear_mod.PACKED_LINEAR_MIN_ROWS - 1], layer.weight)
 
 
 def test_packed_weight_is_rebuilt_when_the_weight_changes():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fast_path, ops
+from . import linear
 from .prepared import PreparedCache, trackable
 from .resnet import _dropout, make_group_norm
 
@@ -56,9 +57,10 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(query_dim, self.inner_dim, bias=bias)
         self.to_v = nn.Linear(query_dim, self.inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
-        # The concatenated to_q/to_k/to_v weight and bias of the fused path (one GEMM instead of three), kept
-        # while the three layers' parameters are unchanged; a plain attribute, so state-dict keys stay diffusers'.
-        self._prepared = PreparedCache(limit=1)
+        # The concatenated to_q/to_k/to_v weight and bias of the fused path (one GEMM instead of three) and the
+        # oneDNN-packed projection weights, kept while the layers' parameters are unchanged; a plain attribute, so
+        # state-dict keys stay diffusers'.
+        self._prepared = PreparedCache(limit=8)  # the QKV concatenation, then two packed weights per row count
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.ndim != 4:
@@ -129,18 +131,32 @@ class Attention(nn.Module):
             hidden_states = ops.group_norm_silu(hidden_states, g.num_groups, g.weight, g.bias, g.eps, silu=False)
         hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
         weight, bias = self._packed_qkv()
-        qkv = F.linear(hidden_states, weight, bias)
+        rows = hidden_states.reshape(-1, channel)
+        sources = tuple(t for layer in (self.to_q, self.to_k, self.to_v) for t in (layer.weight, layer.bias))
+        if linear.usable(rows, *sources):  # oneDNN's packed GEMMs, bias and residual in their epilogues
+            qkv = linear.packed_linear(self._prepared, ("qkv",), sources, lambda: weight, bias, rows)
+            qkv = qkv.view(batch, -1, 3 * self.inner_dim)
+        else:
+            qkv = F.linear(hidden_states, weight, bias)
         q, k, v = (
             t.view(batch, -1, self.heads, self.dim_head).transpose(1, 2) for t in qkv.split(self.inner_dim, dim=-1)
         )
         attn = ops.attention(q, k, v, self.scale)
         out = attn.transpose(1, 2).reshape(batch, -1, self.inner_dim).to(q.dtype)
-        out = _dropout(self.to_out[1], self.to_out[0](out))  # (B, HW, C)
-        # (B, HW, C) -> channels_last (B, C, H, W) view with canonical strides (so that F.pad and torch.cat
+        proj, dropout = self.to_out
+        # (B, HW, C) -> channels_last (B, C, H, W) views with canonical strides (so that F.pad and torch.cat
         # downstream recognise the format even at batch 1)
-        out = out.reshape(batch, height, width, channel).permute(0, 3, 1, 2)
-        if self.residual_connection:
-            out = out.add_(residual) if out.shape == residual.shape else out + residual
+        rows = out.view(-1, self.inner_dim)
+        if linear.usable(rows, proj.weight, proj.bias) and not (dropout.training and dropout.p > 0):
+            other = residual.permute(0, 2, 3, 1).reshape(-1, channel) if self.residual_connection else None
+            out = linear.packed_linear(
+                self._prepared, ("out",), (proj.weight,), lambda: proj.weight, proj.bias, rows, other
+            )
+            out = out.view(batch, height, width, channel).permute(0, 3, 1, 2)
+        else:
+            out = _dropout(dropout, proj(out)).reshape(batch, height, width, channel).permute(0, 3, 1, 2)
+            if self.residual_connection:
+                out = out.add_(residual)
         if self.rescale_output_factor != 1.0:
             out = out.div_(self.rescale_output_factor)
         return out

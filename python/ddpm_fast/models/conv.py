@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fast_path, ops
+from . import linear
 from .prepared import PreparedCache, trackable
 
 __all__ = [
@@ -262,27 +263,36 @@ class Conv2d(nn.Conv2d):
 
     def _gemm(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         """1x1 or 3x3 convolution of channels_last ``x`` as one GEMM of its (im2col) rows, ``(N*H*W, K) @ (K, O)``,
-        + bias, + other; the result is channels_last."""
+        + bias, + other (on oneDNN's packed linear where it takes the rows, else ``addmm``); the result is
+        channels_last."""
         n, c, h, w = x.shape
         o = self.out_channels
         if self.kernel_size == (1, 1):
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
-            weight = self.weight.view(o, c).t()
         else:  # rows of the 3x3 neighbourhoods in (kh, kw, c) order, which the reordered weight's rows follow
             padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
             rows = padded.unfold(1, 3, 1).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3).reshape(n * h * w, 9 * c)
-            weight = self._prepared.get(
-                ("gemm",),
-                (self.weight,),
-                lambda: self.weight.detach().permute(2, 3, 1, 0).reshape(9 * c, o).contiguous(),
+        other_rows = None if other is None else other.permute(0, 2, 3, 1).reshape(n * h * w, o)
+        if linear.usable(rows, self.weight, self.bias):
+            y = linear.packed_linear(
+                self._prepared, ("gemm",), (self.weight,), self._gemm_weight, self.bias, rows, other_rows
             )
-        if other is None:
+            return y.view(n, h, w, o).permute(0, 3, 1, 2)
+        weight = self._gemm_weight().t()
+        if self.kernel_size != (1, 1):  # the (K, O) copy is made once
+            weight = self._prepared.get(("gemm",), (self.weight,), lambda: self._gemm_weight().t().contiguous())
+        if other_rows is None:
             y = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
         else:
-            y = torch.addmm(other.permute(0, 2, 3, 1).reshape(n * h * w, o), rows, weight)
+            y = torch.addmm(other_rows, rows, weight)
             if self.bias is not None:
                 y = y.add_(self.bias)
         return y.view(n, h, w, o).permute(0, 3, 1, 2)
+
+    def _gemm_weight(self) -> torch.Tensor:
+        """The weight as the GEMM's (out, in) matrix, its columns in the rows' (kh, kw, c) order."""
+        w = self.weight.detach()
+        return w.view(w.shape[0], -1) if self.kernel_size == (1, 1) else w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
     def _packed(self, x: torch.Tensor, other: torch.Tensor | None, silu: bool) -> torch.Tensor:
         compute = _packed_compute_dtype(x.dtype)

@@ -96,7 +96,8 @@ def module_signature(module: nn.Module) -> tuple:
 
 class PreparedCache:
     """Prepared copies of one module, keyed by what they are for (path, layout, input shape); at most ``limit``
-    of them, the oldest dropped first, so a layer that alternates between a few shapes does not re-prepare."""
+    of them, the least recently used dropped first, so a layer that alternates between a few shapes does not
+    re-prepare."""
 
     def __init__(self, limit: int = 4):
         self.limit = limit
@@ -106,16 +107,16 @@ class PreparedCache:
         """The copy for ``key``, rebuilt with ``build()`` when any of ``sources`` changed since it was made.
         Callers check :func:`trackable` on the sources first."""
         signature = tuple(_signature(t) for t in sources)
-        entry = self._entries.get(key)
+        entry = self._entries.pop(key, None)  # (re)inserted last: the least recently used is dropped first
         if entry is not None and entry[0] == signature:
+            self._entries[key] = entry
             return entry[1]  # type: ignore[return-value]
-        self._entries.pop(key, None)  # free the stale copy before building its successor
+        fast_path.note(f"prepare:{key[0]}")  # before building: a plan recording must see it even if build fails
         with torch.no_grad():
             value = build()
         if len(self._entries) >= self.limit:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (signature, value)
-        fast_path.note(f"prepare:{key[0]}")
         return value
 
     def clear(self) -> None:

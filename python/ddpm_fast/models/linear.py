@@ -1,0 +1,102 @@
+"""GEMMs of the fused CPU path on oneDNN's packed linear: ``rows @ weight.T + bias (+ other)`` with the weight
+reordered once into oneDNN's blocked layout for the row count (``torch.ops.mkldnn._reorder_linear_weight``) and the
+bias and the residual add in its epilogue (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU
+backend emits). ``addmm`` writes the broadcast bias into the output before its GEMM reads it back, and repacks
+the weight on every call; at the UNet's GEMM shapes the packed op was as fast or faster (bench/results/).
+
+Used by the convolutions that are one GEMM (``Conv2d``'s "gemm" path) and by attention's projections. The op
+is internal to PyTorch: it is probed once against ``F.linear``; where the probe fails, callers keep ``addmm``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import fast_path
+from .prepared import PreparedCache, trackable
+
+__all__ = ["packed_linear", "packed_linear_supported", "PACKED_LINEAR_MIN_ROWS"]
+
+# Below this many rows (the time embedding's batch-size GEMMs) the packed op was slower than addmm.
+PACKED_LINEAR_MIN_ROWS = 16
+
+_SUPPORTED: bool | None = None
+_LOCK = threading.Lock()
+_PROBE_ERRORS = (RuntimeError, AttributeError, TypeError, NotImplementedError)
+
+
+def _probe() -> bool:
+    mk = torch.ops.mkldnn
+    if not (
+        torch.backends.mkldnn.is_available()
+        and hasattr(mk, "_reorder_linear_weight")
+        and hasattr(mk, "_linear_pointwise")
+    ):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(20, 24, generator=gen), torch.randn(12, 24, generator=gen)
+    b, other = torch.randn(12, generator=gen), torch.randn(20, 12, generator=gen)
+    try:
+        with torch.no_grad():
+            wp = mk._reorder_linear_weight(w, 20)
+            y = mk._linear_pointwise(x, wp, b, "none", [], "")
+            ya = mk._linear_pointwise.binary(x, other, wp, b, "add")
+    except _PROBE_ERRORS:
+        return False
+    ref = F.linear(x, w, b)
+    tol = 1e-4 * (ref.abs().max().item() + 1.0)
+    return bool((y - ref).abs().max().item() <= tol and (ya - (ref + other)).abs().max().item() <= tol)
+
+
+def packed_linear_supported() -> bool:
+    """Whether oneDNN's packed fp32 linear works here (probed once, then cached)."""
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        with _LOCK:
+            if _SUPPORTED is None:
+                _SUPPORTED = _probe()
+    return _SUPPORTED
+
+
+def usable(rows: torch.Tensor, *sources: torch.Tensor | None) -> bool:
+    """Whether ``packed_linear`` takes ``rows`` with a weight made from ``sources``: fp32 CPU rows, at least
+    PACKED_LINEAR_MIN_ROWS of them, weights that may be prepared (:mod:`~ddpm_fast.models.prepared`)."""
+    return (
+        rows.dtype == torch.float32
+        and rows.is_cpu
+        and rows.dim() == 2
+        and rows.shape[0] >= PACKED_LINEAR_MIN_ROWS
+        and all(t is None or t.dtype == torch.float32 for t in sources)
+        and fast_path.prepared_weights_allowed()
+        and all(trackable(t) for t in sources)
+        and packed_linear_supported()
+    )
+
+
+def packed_linear(
+    cache: PreparedCache,
+    key: tuple,
+    sources: tuple[torch.Tensor | None, ...],
+    weight: Callable[[], torch.Tensor],
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    other: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rows @ weight().T + bias (+ other)`` for ``usable(rows)``: ``weight()`` builds the (out, in) matrix from
+    ``sources`` (the parameters it depends on), packed once per row count into ``cache`` under ``key``."""
+    fast_path.note("linear:packed")
+    m = rows.shape[0]
+    packed = cache.get(
+        (*key, "packed_linear", m),
+        sources,
+        lambda: torch.ops.mkldnn._reorder_linear_weight(weight().detach().contiguous(), m),
+    )
+    rows = rows.contiguous()
+    b = None if bias is None else bias.detach()
+    if other is None:
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(rows, other.contiguous(), packed, b, "add")
