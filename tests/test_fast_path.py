@@ -166,6 +166,49 @@ def test_packed_linear_matches_float64_and_follows_the_weight(rows, k, n, bias, 
     assert not linear_mod.usable(x[: linear_mod.PACKED_LINEAR_MIN_ROWS - 1], layer.weight)
 
 
+TAPS_CASES = [
+    # (in, out, bias, input shape (N, H, W)): conv_out of the UNets, odd sizes, one output, a single pixel
+    (128, 3, True, (2, 32, 32)),
+    (37, 8, False, (1, 5, 7)),
+    (16, 1, True, (3, 17, 1)),
+    (5, 3, True, (2, 6, 3)),
+]
+
+
+@pytest.mark.parametrize("case", TAPS_CASES, ids=str)
+def test_taps_conv_matches_float64(case):
+    """3x3 convolutions with few outputs as one GEMM against all nine taps, then shifted sums: against F.conv2d
+    in float64 with residual, SiLU and output scale; a changed weight is followed; NCHW input, bf16 or one more
+    output channel leave the path."""
+    cin, cout, bias, (n, h, w) = case
+    torch.manual_seed(6)
+    conv = Conv2d(cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=CL)
+    other = torch.randn(n, cout, h, w).contiguous(memory_format=CL)
+
+    def ref(other=None, silu=False, scale=1.0):
+        b = None if conv.bias is None else conv.bias.double()
+        y = F.conv2d(x.double(), conv.weight.double(), b, padding=1)
+        y = y + other.double() if other is not None else y
+        return (F.silu(y) if silu else y) / scale
+
+    with torch.no_grad(), fast_path.record_paths() as paths:
+        outs = [conv(x), conv.forward_fused(x, other), conv.forward_fused(x, other, silu=True, output_scale=2.0)]
+        refs = [ref(), ref(other), ref(other, True, 2.0)]
+        conv.weight.mul_(-0.5)
+        outs.append(conv(x))
+        refs.append(ref())
+    assert paths["conv:taps"] == 4 and paths["prepare:taps"] == 2
+    for out, expected in zip(outs, refs):
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+        assert err(out, expected) <= 2e-6 * (1 + expected.abs().max().item())
+    if h * w > 1:  # (N, C, 1, 1) is channels_last as well
+        assert conv_mod.conv_path(conv, x.contiguous()) != "taps"
+    assert conv_mod.conv_path(copy.deepcopy(conv).bfloat16(), x.bfloat16()) != "taps"
+    wider = Conv2d(cin, conv_mod.TAPS_MAX_OUT_CHANNELS + 1, 3, padding=1)
+    assert conv_mod.conv_path(wider, x) != "taps"
+
+
 def test_packed_weight_is_rebuilt_when_the_weight_changes():
     torch.manual_seed(2)
     conv = Conv2d(8, 8, 3, padding=1)
@@ -270,13 +313,14 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers), and at batch 1 all of them have
     # enough tiles (WINOGRAD_MIN_TILES: 64 of 4x4 for F(4x4), 4 of 2x2 for F(2x2)): the 11 at 32x32 run as F(4x4),
     # the 22 at 16x16 and 8x8 as F(2x2); the 14 at 4x4 (16 pixels: GEMM_3X3_MAX_PIXELS) and the 13 1x1 shortcuts
-    # (at most 32x32 = GEMM_1X1_MAX_PIXELS pixels) run as one GEMM each; conv_in, conv_out and the 3 stride-2
-    # downsamplers stay on oneDNN.
+    # (at most 32x32 = GEMM_1X1_MAX_PIXELS pixels) run as one GEMM each; conv_out (3 outputs) as "taps"; conv_in
+    # and the 3 stride-2 downsamplers stay on oneDNN.
     assert conv_mod.WINOGRAD_MIN_TILES == {4: 64, 2: 4} and conv_mod.GEMM_1X1_MAX_PIXELS == 1024
     assert conv_mod.GEMM_3X3_MAX_PIXELS == 32
     winograd = 33 if ddpm_fast.ops.native_available() else 0
     assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:gemm"] == 13 + 14
-    assert stats["conv:packed"] == 65 - 27 - winograd and stats["conv:winograd4"] == (11 if winograd else 0)
+    assert stats["conv:packed"] == 65 - 27 - 1 - winograd and stats["conv:winograd4"] == (11 if winograd else 0)
+    assert stats["conv:taps"] == 1
     assert stats["conv:plain"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
@@ -287,7 +331,7 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     torch.testing.assert_close(y_cl, y)
     with ddpm_fast.winograd(0), torch.no_grad(), fast_path.record_paths() as stats:
         y_packed = ours(x, 10).sample
-    assert stats["conv:packed"] == 65 - 27 and stats["conv:gemm"] == 27
+    assert stats["conv:packed"] == 65 - 27 - 1 and stats["conv:gemm"] == 27 and stats["conv:taps"] == 1
     with ddpm_fast.winograd(2), torch.no_grad(), fast_path.record_paths() as stats:
         y_f2 = ours(x, 10).sample
     assert stats["conv:winograd2"] == winograd and stats["conv:winograd4"] == 0
@@ -309,7 +353,7 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
     # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4; the 6 1x1 shortcuts at 8x8 and
     # 4x4 (at most 1024 pixels) as GEMMs
     assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:gemm"] == 6
-    assert stats["conv:packed"] == 12
+    assert stats["conv:packed"] == 11 and stats["conv:taps"] == 1
     assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == 33
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 

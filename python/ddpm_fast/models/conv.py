@@ -11,6 +11,10 @@ picks one of
   is the same GEMM over the 9 shifted copies of the input (im2col, ``(N*H*W, 9C) @ (9C, O)``, the weight reordered
   once). There the convolution is bound by reading its weight, which Winograd makes 16/9 larger, and one ``addmm``
   costs less than oneDNN's per-call overhead;
+* ``"taps"``: fp32 3x3 stride-1 CPU convolutions with at most ``TAPS_MAX_OUT_CHANNELS`` outputs (the UNet's
+  ``conv_out`` to RGB): one GEMM of the channels_last pixels against all nine taps' weights, ``(N*H*W, C) @ (C, 9*O)``,
+  then the nine shifted slices of that product summed. oneDNN's kernels use few of their vector lanes on so few
+  output channels;
 * ``"packed"``: the other CPU convolutions, on oneDNN with the weight reordered once into its blocked layout
   (``torch.ops.mkldnn._reorder_convolution_weight``) and a fused SiLU or residual add
   (``torch.ops.mkldnn._convolution_pointwise``, the ops torch.compile's CPU backend emits). PyTorch itself sends
@@ -48,6 +52,7 @@ __all__ = [
     "WINOGRAD_MIN_TILES",
     "GEMM_1X1_MAX_PIXELS",
     "GEMM_3X3_MAX_PIXELS",
+    "TAPS_MAX_OUT_CHANNELS",
 ]
 
 # 3x3 stride-1 convolutions with at least this many input and output channels may run as Winograd: the 3-channel
@@ -62,6 +67,9 @@ WINOGRAD_MIN_TILES = {4: 64, 2: 4}
 GEMM_1X1_MAX_PIXELS = 1024
 # ... and fp32 3x3 stride-1 ones with at most this many (4x4 at batch 2); above, Winograd F(2x2) is faster.
 GEMM_3X3_MAX_PIXELS = 32
+# fp32 3x3 stride-1 convolutions with at most this many output channels run as "taps" (the product has 9 x O
+# columns per pixel; beyond a few, summing its shifted slices costs more than it saves).
+TAPS_MAX_OUT_CHANNELS = 8
 
 _CAPABILITY: dict[torch.dtype, bool] = {}  # compute dtype -> packed oneDNN probe passed
 _CAPABILITY_LOCK = threading.Lock()
@@ -172,6 +180,19 @@ def _gemm(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
+def _taps(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.out_channels <= TAPS_MAX_OUT_CHANNELS
+        and x.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
     """Which implementation runs ``conv(x)`` (then ``+ other``): see the module docstring."""
     w, b = conv.weight, conv.bias
@@ -192,6 +213,8 @@ def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = Non
         exact_other = other is None or other.shape == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
         if exact_other and _gemm(conv, x):
             return "gemm"
+        if exact_other and _taps(conv, x):
+            return "taps"
         tile = _winograd_tile(conv, x)
         if tile and exact_other:
             return "winograd4" if tile == 4 else "winograd2"
@@ -235,8 +258,8 @@ class Conv2d(nn.Conv2d):
         if path == "packed":
             y = self._packed(x, other, silu)
             return y.div_(output_scale) if output_scale != 1.0 else y
-        if path == "gemm":
-            y = self._gemm(x, other)
+        if path in ("gemm", "taps"):
+            y = self._gemm(x, other) if path == "gemm" else self._taps(x, other)
             if silu:
                 y = F.silu(y, inplace=True)
             return y.div_(output_scale) if output_scale != 1.0 else y
@@ -288,6 +311,28 @@ class Conv2d(nn.Conv2d):
             if self.bias is not None:
                 y = y.add_(self.bias)
         return y.view(n, h, w, o).permute(0, 3, 1, 2)
+
+    def _taps(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        """3x3 convolution of channels_last ``x`` with few outputs: z = pixels @ (C, 9*O), every tap's weight at
+        once; output pixel (i, j) sums z's tap (kh, kw) part at input pixel (i + kh - 1, j + kw - 1) (zero outside
+        the image: index i + kh of z padded by one pixel); + bias, + other. The result is channels_last."""
+        n, c, h, w = x.shape
+        o = self.out_channels
+        weight = self._prepared.get(
+            ("taps",), (self.weight,), lambda: self.weight.detach().permute(1, 2, 3, 0).reshape(c, 9 * o).contiguous()
+        )
+        z = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, 3, 3, o)
+        z = F.pad(z, (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # a zero pixel around the image
+        y = z[:, 1 : h + 1, 1 : w + 1, 1, 1, :].clone()  # the centre tap first: n, h, w, o
+        for kh in range(3):
+            for kw in range(3):
+                if (kh, kw) != (1, 1):
+                    y += z[:, kh : kh + h, kw : kw + w, kh, kw, :]
+        if self.bias is not None:
+            y += self.bias
+        if other is not None:
+            y += other.permute(0, 2, 3, 1)
+        return y.permute(0, 3, 1, 2)
 
     def _gemm_weight(self) -> torch.Tensor:
         """The weight as the GEMM's (out, in) matrix, its columns in the rows' (kh, kw, c) order."""
