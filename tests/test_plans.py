@@ -248,3 +248,18 @@ def test_class_conditioned_model_records_its_labels():
         assert torch.equal(model(x, 9, class_labels=other).sample, _eager(model, x, 9, class_labels=other))
         with pytest.raises(ValueError, match="class_labels must be given"):
             model(x, 9)
+
+
+def test_pipeline_steps_replay_one_plan():
+    """A pipeline passes each step's timestep as a view of another element of its schedule: one recording
+    serves every step, and the images equal the eager pipeline's bit for bit."""
+    model = _model()
+    scheduler = ddpm_fast.DDPMScheduler(num_train_timesteps=50)
+    pipe = ddpm_fast.DDPMPipeline(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with fast_path.record_paths() as paths:
+        images = pipe(batch_size=1, num_inference_steps=6, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert paths["plan:record"] == 1 and paths["plan:replay"] == 4
+    with fast_path.cpu_plans(False):
+        eager = pipe(batch_size=1, num_inference_steps=6, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert torch.equal(images.images, eager.images)

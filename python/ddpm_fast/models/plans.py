@@ -44,9 +44,11 @@ _FAILED = object()  # recording raised: this signature runs eagerly from now on
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
+    """What a recording depends on: shape, strides, dtype, device (not the storage offset: a pipeline's timestep
+    is a view of a different element of its schedule at every step)."""
     if t is None:
         return None
-    return (t.shape, t.stride(), t.dtype, t.device, t.storage_offset())
+    return (t.shape, t.stride(), t.dtype, t.device)
 
 
 def _global_hooks() -> bool:
