@@ -263,3 +263,17 @@ def test_pipeline_steps_replay_one_plan():
     with fast_path.cpu_plans(False):
         eager = pipe(batch_size=1, num_inference_steps=6, generator=torch.Generator().manual_seed(3), output_type="pt")
     assert torch.equal(images.images, eager.images)
+
+
+def test_recording_under_inference_mode_keeps_the_eager_ops():
+    """Recorded inside inference mode, make_fx would take other decompositions (nearest upsampling as an index
+    op); the plan records outside it, so its graph holds the ops the eager forward runs."""
+    model = _model()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        outs, paths = _calls(model, x, 5)
+    assert paths[2]["plan:replay"] == 1 and torch.equal(outs[2], outs[0])
+    (graph,) = model._plans.graphs()
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert "aten.upsample_nearest2d.default" in targets
+    assert not {"aten._unsafe_index.Tensor", "aten.index.Tensor"} & targets

@@ -180,7 +180,7 @@ def set_winograd(max_tile: int) -> None:
 
 @contextlib.contextmanager
 def winograd(max_tile: int) -> Iterator[None]:
-    """``with ddpm_fast.winograd(0): ...`` keeps every convolution on oneDNN inside the block."""
+    """``with ddpm_fast.winograd(0): ...`` runs no convolution as Winograd inside the block (oneDNN instead)."""
     previous = current()
     token = _install(replace(previous, winograd=_check_winograd(max_tile, "max_tile")))
     try:

@@ -95,8 +95,7 @@ def packed_linear(
         sources,
         lambda: torch.ops.mkldnn._reorder_linear_weight(weight().detach().contiguous(), m),
     )
-    rows = rows.contiguous()
-    b = None if bias is None else bias.detach()
+    rows = rows.contiguous()  # (callers run without autograd: the bias is passed as it is)
     if other is None:
-        return torch.ops.mkldnn._linear_pointwise(rows, packed, b, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(rows, other.contiguous(), packed, b, "add")
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(rows, other.contiguous(), packed, bias, "add")

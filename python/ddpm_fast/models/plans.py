@@ -111,10 +111,16 @@ def _trackable(model: nn.Module) -> bool:
 
 
 class _Plan:
+    """A recorded forward: ``graph`` (the fx.GraphModule, over the non-None inputs) and the paths it noted."""
+
     __slots__ = ("graph", "notes")
 
-    def __init__(self, graph: Callable, notes: Counter):
+    def __init__(self, graph: torch.fx.GraphModule, notes: Counter):
         self.graph, self.notes = graph, notes
+
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        fast_path.add_notes(self.notes)
+        return self.graph(*(t for t in inputs if t is not None))
 
 
 class ForwardPlans:
@@ -138,6 +144,10 @@ class ForwardPlans:
     def __len__(self) -> int:
         return sum(isinstance(p, _Plan) for p in self._plans.values())
 
+    def graphs(self) -> list[torch.fx.GraphModule]:
+        """The recorded graphs (for inspection)."""
+        return [p.graph for p in self._plans.values() if isinstance(p, _Plan)]
+
     # Plans hold recorded graphs and a lock, which neither pickle nor deepcopy: a copy starts empty.
     def __getstate__(self) -> dict:
         return {"limit": self.limit}
@@ -158,9 +168,8 @@ class ForwardPlans:
             state = None
         plan = self._plans.get(key) if state is not None else None
         if isinstance(plan, _Plan):
-            fast_path.add_notes(plan.notes)
             fast_path.note("plan:replay")
-            return plan.graph(*inputs)
+            return plan(*inputs)
         if plan is _FAILED:
             return forward(*inputs)
         seen = (key, _versions(model))
@@ -184,16 +193,16 @@ class ForwardPlans:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         if isinstance(plan, _Plan):
-            fast_path.add_notes(plan.notes)
             fast_path.note("plan:record")
-            return plan.graph(*inputs)
+            return plan(*inputs)
         return forward(*inputs)
 
     def _record(self, model: nn.Module, forward: Callable, inputs: Sequence[torch.Tensor | None]):
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        # Recording inputs outside inference mode (inference tensors would be recorded as copies); the graph
-        # takes the tensors only, the Nones stay where they were.
+        # Recorded outside inference mode: inside it, make_fx takes other decompositions (nearest upsampling as
+        # an index op, 6x slower at batch 16) and records inference inputs as copies. The graph takes the tensors
+        # only; the Nones stay where they were.
         with torch.inference_mode(False):
             examples = [t.clone() for t in inputs if t is not None]
         present = [t is not None for t in inputs]
@@ -207,7 +216,12 @@ class ForwardPlans:
         try:
             for t in tracked:
                 t.__class__ = nn.Parameter
-            with fast_path.record_paths() as notes, torch.no_grad(), warnings.catch_warnings():
+            with (
+                fast_path.record_paths() as notes,
+                torch.inference_mode(False),
+                torch.no_grad(),
+                warnings.catch_warnings(),
+            ):
                 warnings.simplefilter("ignore")
                 graph = make_fx(tensors_only, tracing_mode="real")(*examples)
         except Exception as exc:  # noqa: BLE001 (any failure: this signature stays eager, which is always right)
@@ -225,4 +239,4 @@ class ForwardPlans:
                 t.__class__ = TrackedParameter
         if any(k.startswith("prepare:") for k in notes):
             return None
-        return _Plan(lambda *args: graph(*(t for t in args if t is not None)), notes)
+        return _Plan(graph, notes)
