@@ -93,6 +93,24 @@ def test_packed_conv_matches_f_conv2d(case, channels_last):
     torch.testing.assert_close(broadcast, ref + other[:1], rtol=1e-5, atol=1e-5)
 
 
+def _small_conv(cin, cout, bias, shape, seed):
+    """A 3x3 Conv2d, channels_last input and residual, and ``ref(other, silu, scale)``: F.conv2d in float64 of
+    the current weight (+ other, SiLU, / scale)."""
+    n, h, w = shape
+    torch.manual_seed(seed)
+    conv = Conv2d(cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=CL)
+    other = torch.randn(n, cout, h, w).contiguous(memory_format=CL)
+
+    def ref(other=None, silu=False, scale=1.0):
+        b = None if conv.bias is None else conv.bias.double()
+        y = F.conv2d(x.double(), conv.weight.double(), b, padding=1)
+        y = y + other.double() if other is not None else y
+        return (F.silu(y) if silu else y) / scale
+
+    return conv, x, other, ref
+
+
 GEMM_3X3_CASES = [
     # (in, out, bias, input shape (N, H, W)): the 4x4 level at batch 1 and 2, odd sizes, a single pixel
     (256, 256, True, (1, 4, 4)),
@@ -107,24 +125,14 @@ def test_gemm_3x3_conv_matches_float64(case):
     """Small fp32 3x3 convolutions run as one GEMM over im2col rows: against F.conv2d in float64 with residual,
     SiLU and output scale; a changed weight is followed; one more pixel, NCHW input or bf16 leave the path."""
     cin, cout, bias, (n, h, w) = case
-    torch.manual_seed(5)
-    conv = Conv2d(cin, cout, 3, padding=1, bias=bias)
-    x = torch.randn(n, cin, h, w).contiguous(memory_format=CL)
-    other = torch.randn(n, cout, h, w).contiguous(memory_format=CL)
-
-    def ref(x, other=None, silu=False, scale=1.0):
-        b = None if conv.bias is None else conv.bias.double()
-        y = F.conv2d(x.double(), conv.weight.double(), b, padding=1)
-        y = y + other.double() if other is not None else y
-        return (F.silu(y) if silu else y) / scale
-
+    conv, x, other, ref = _small_conv(cin, cout, bias, (n, h, w), seed=5)
     with torch.no_grad(), fast_path.record_paths() as paths:
         outs = [conv(x), conv.forward_fused(x, other), conv.forward_fused(x, other, silu=True, output_scale=2.0)]
-        refs = [ref(x), ref(x, other), ref(x, other, True, 2.0)]
+        refs = [ref(), ref(other), ref(other, True, 2.0)]
         for edit in (lambda: conv.weight.mul_(-0.5), lambda: conv.weight.data.add_(0.01)):  # the copy must follow
             edit()
             outs.append(conv(x))
-            refs.append(ref(x))
+            refs.append(ref())
     packed = 5 if n * h * w >= linear_mod.PACKED_LINEAR_MIN_ROWS and linear_mod.packed_linear_supported() else 0
     assert paths["conv:gemm"] == 5 and paths["prepare:gemm"] == 3 and paths["linear:packed"] == packed
     assert sum(paths.values()) == 8 + packed
@@ -181,17 +189,7 @@ def test_taps_conv_matches_float64(case):
     in float64 with residual, SiLU and output scale; a changed weight is followed; NCHW input, bf16 or one more
     output channel leave the path."""
     cin, cout, bias, (n, h, w) = case
-    torch.manual_seed(6)
-    conv = Conv2d(cin, cout, 3, padding=1, bias=bias)
-    x = torch.randn(n, cin, h, w).contiguous(memory_format=CL)
-    other = torch.randn(n, cout, h, w).contiguous(memory_format=CL)
-
-    def ref(other=None, silu=False, scale=1.0):
-        b = None if conv.bias is None else conv.bias.double()
-        y = F.conv2d(x.double(), conv.weight.double(), b, padding=1)
-        y = y + other.double() if other is not None else y
-        return (F.silu(y) if silu else y) / scale
-
+    conv, x, other, ref = _small_conv(cin, cout, bias, (n, h, w), seed=6)
     with torch.no_grad(), fast_path.record_paths() as paths:
         outs = [conv(x), conv.forward_fused(x, other), conv.forward_fused(x, other, silu=True, output_scale=2.0)]
         refs = [ref(), ref(other), ref(other, True, 2.0)]
