@@ -9,8 +9,9 @@ picks one of
 * ``"gemm"``: 1x1 and fp32 3x3 stride-1 CPU convolutions on few pixels (the shortcuts at batch 1, the 4x4 level at
   batch 1 and 2): on channels_last activations a 1x1 convolution is one GEMM, ``(N*H*W, C) @ W^T``, and a 3x3 one
   is the same GEMM over the 9 shifted copies of the input (im2col, ``(N*H*W, 9C) @ (9C, O)``, the weight reordered
-  once). There the convolution is bound by reading its weight, which Winograd makes 16/9 larger, and one ``addmm``
-  costs less than oneDNN's per-call overhead;
+  once). There the convolution is bound by reading its weight, which Winograd makes 16/9 larger, and one GEMM
+  (oneDNN's packed linear, :mod:`~ddpm_fast.models.linear`, else ``addmm``) costs less than oneDNN's per-call
+  convolution overhead;
 * ``"taps"``: fp32 3x3 stride-1 CPU convolutions with at most ``TAPS_MAX_OUT_CHANNELS`` outputs (the UNet's
   ``conv_out`` to RGB): one GEMM of the channels_last pixels against all nine taps' weights, ``(N*H*W, C) @ (C, 9*O)``,
   then the nine shifted slices of that product summed. oneDNN's kernels use few of their vector lanes on so few
