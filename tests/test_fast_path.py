@@ -32,12 +32,7 @@ CIFAR_SCHED = CIFAR10_32_SCHEDULER
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def _fused_backend():
-    previous = ddpm_fast.get_backend()
-    ddpm_fast.set_backend("fused")
-    yield
-    ddpm_fast.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("fused_backend")
 
 
 @pytest.fixture(autouse=True)

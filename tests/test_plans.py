@@ -17,13 +17,7 @@ import ddpm_fast
 from ddpm_fast import fast_path
 from helpers import TINY, seed_of
 
-
-@pytest.fixture(autouse=True)
-def _fused_backend():
-    previous = ddpm_fast.get_backend()
-    ddpm_fast.set_backend("fused")
-    yield
-    ddpm_fast.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("fused_backend")
 
 
 def _model(seed: int = 0, **overrides) -> ddpm_fast.UNet2DModel:

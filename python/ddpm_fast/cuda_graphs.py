@@ -24,7 +24,6 @@ warning.  Turn graphs off with ``pipe.enable_cuda_graphs(False)`` or ``DDPM_FAST
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -40,12 +39,7 @@ _ENV = "DDPM_FAST_CUDA_GRAPHS"
 
 def cuda_graphs_env_enabled() -> bool:
     """``DDPM_FAST_CUDA_GRAPHS`` unset/1/true/on enables graphs (the default); 0/false/off disables them."""
-    value = os.environ.get(_ENV, "1").strip().lower()
-    if value in ("", "1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"environment variable {_ENV}={value!r}: expected 1/0 (or true/false, on/off)")
+    return fast_path.env_flag(_ENV, "1")
 
 
 class DenoiseStepGraph:

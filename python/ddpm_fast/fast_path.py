@@ -99,7 +99,8 @@ def _check_winograd(max_tile: object, where: str) -> int:
     return int(max_tile)  # type: ignore[arg-type]
 
 
-def _env_flag(name: str, default: str) -> bool:
+def env_flag(name: str, default: str) -> bool:
+    """Environment variable ``name`` (``default`` when unset) as a switch: 1/true/on/yes or 0/false/off/no."""
     value = os.environ.get(name, default).strip().lower()
     if value in ("", "1", "true", "on", "yes"):
         return True
@@ -114,7 +115,7 @@ def _from_env() -> Policy:
     return Policy(
         backend=_check_backend(name, f"environment variable {_ENV_BACKEND}"),
         winograd=_check_winograd(int(tile) if tile.isdigit() else tile, f"environment variable {_ENV_WINOGRAD}"),
-        cpu_plans=_env_flag(_ENV_PLANS, "1"),
+        cpu_plans=env_flag(_ENV_PLANS, "1"),
     )
 
 

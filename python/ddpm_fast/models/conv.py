@@ -303,8 +303,9 @@ class Conv2d(nn.Conv2d):
                 self._prepared, ("gemm",), (self.weight,), self._gemm_weight, self.bias, rows, other_rows
             )
             return y.view(n, h, w, o).permute(0, 3, 1, 2)
-        weight = self._gemm_weight().t()
-        if self.kernel_size != (1, 1):  # the (K, O) copy is made once
+        if self.kernel_size == (1, 1):
+            weight = self._gemm_weight().t()  # a view
+        else:  # the (K, O) copy is made once
             weight = self._prepared.get(("gemm",), (self.weight,), lambda: self._gemm_weight().t().contiguous())
         if other_rows is None:
             y = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
