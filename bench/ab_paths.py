@@ -4,25 +4,83 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
 
     python bench/ab_paths.py --choice packed_linear --batch 1 --rounds 21 --json OUT.json
     python bench/ab_paths.py --choice taps --batch 1 --rounds 21
+    python bench/ab_paths.py --choice cat_free --batch 16 --rounds 11
+    python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
-``addmm``), ``taps`` (conv_out as one GEMM against its nine taps, off: packed oneDNN).
+``addmm``), ``taps`` (conv_out as one GEMM against its nine taps, off: packed oneDNN), ``cat_free`` (up-block
+resnets without the concatenation of their skip connection, off: ``torch.cat``), ``pool`` (the CPU kernels'
+memory pool, off: their outputs and scratch from torch's allocator). The pool is process state, and so is the C
+library's heap it spares: its rounds alternate between two child processes (``DDPM_FAST_CPU_POOL_MB=0`` for
+off), each timing ``--calls`` forwards after three untimed ones, a round's time being their median.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 import ddpm_fast
 from ddpm_fast.bench import common, engines
-from ddpm_fast.models import conv, linear
+from ddpm_fast.models import conv, linear, resnet
 
-CHOICES = {"packed_linear": (linear, "usable"), "taps": (conv, "_taps")}
+PREDICATES = {"packed_linear": (linear, "usable"), "taps": (conv, "_taps"), "cat_free": (resnet, "cat_free")}
+CHOICES = [*PREDICATES, "pool"]
+
+
+def _inputs(args) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    cfg = common.ARCHS[args.arch]["unet"]
+    size = cfg["sample_size"]
+    x = torch.randn(args.batch, cfg["in_channels"], size, size, generator=torch.Generator().manual_seed(1))
+    return cfg, x, torch.full((args.batch,), 500, dtype=torch.long)
+
+
+def _model(cfg: dict) -> ddpm_fast.UNet2DModel:
+    unet = ddpm_fast.UNet2DModel(**cfg)
+    unet.load_state_dict(engines.random_state(cfg, 0))
+    return unet.eval()
+
+
+def _child(args) -> None:
+    """One process's share of a ``pool`` round: ``--calls`` timed forwards; prints their median and the output."""
+    cfg, x, t = _inputs(args)
+    unet, flush = _model(cfg), torch.ones(600 * 2**20 // 4)
+    times = []
+    with torch.inference_mode():
+        for i in range(3 + args.calls):
+            flush.sum()
+            time.sleep(0.05)
+            start = time.perf_counter()
+            out = unet(x, t).sample
+            if i >= 3:
+                times.append((time.perf_counter() - start) * 1e3)
+    torch.save({"ms": statistics.median(times), "out": out}, args.child)
+
+
+def _pool_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    outs: dict[str, torch.Tensor] = {}
+    result = f"/tmp/ab_paths_pool_{os.getpid()}.pt"
+    argv = [sys.executable, __file__, "--choice", "pool", "--arch", args.arch, "--batch", str(args.batch)]
+    argv += ["--threads", str(args.threads), "--calls", str(args.calls), "--child", result]
+    for _ in range(args.rounds):
+        for setting in ("on", "off"):
+            env = dict(os.environ)
+            if setting == "off":
+                env["DDPM_FAST_CPU_POOL_MB"] = "0"
+            subprocess.run(argv, env=env, check=True)
+            got = torch.load(result)
+            times[setting].append(got["ms"])
+            outs[setting] = got["out"]
+    os.remove(result)
+    return times, outs
 
 
 def main() -> None:
@@ -32,42 +90,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calls", type=int, default=5, help="pool: timed forwards per child process")
     p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one process of a pool round
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    module, name = CHOICES[args.choice]
-    real = getattr(module, name)
-    cfg = common.ARCHS[args.arch]["unet"]
-    size = cfg["sample_size"]
-    x = torch.randn(args.batch, cfg["in_channels"], size, size, generator=torch.Generator().manual_seed(1))
-    t = torch.full((args.batch,), 500, dtype=torch.long)
-    flush = torch.ones(600 * 2**20 // 4)  # read before each call: larger than the L3 this machine reports
-    models = {}
-    for setting in ("on", "off"):
-        unet = ddpm_fast.UNet2DModel(**cfg)
-        unet.load_state_dict(engines.random_state(cfg, 0))
-        models[setting] = unet.eval()
-    times: dict[str, list[float]] = {k: [] for k in models}
-
-    def use(setting: str) -> None:
-        setattr(module, name, real if setting == "on" else (lambda *a, **k: False))
-
-    with torch.inference_mode():
-        outs = {}
-        for setting, unet in models.items():
-            use(setting)
-            for _ in range(3):  # eager, record, replay
-                outs[setting] = unet(x, t).sample
-        for r in range(args.rounds):
-            for setting, unet in models.items():
-                use(setting)
-                flush.sum()  # a read, so that no dirty lines are written back during the timed call
-                time.sleep(0.05)
-                start = time.perf_counter()
-                unet(x, t)
-                times[setting].append((time.perf_counter() - start) * 1e3)
-    use("on")
+    if args.child:
+        return _child(args)
+    if args.choice == "pool":
+        times, outs = _pool_rounds(args)
+    else:
+        times, outs = _in_process_rounds(args)
     ratios = [off / on for on, off in zip(times["on"], times["off"])]
+    args.child = None
     report = {
         "command": "python bench/ab_paths.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
         "environment": common.environment("cpu"),
@@ -89,6 +124,35 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def _in_process_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+    cfg, x, t = _inputs(args)
+    flush = torch.ones(600 * 2**20 // 4)  # read before each call: larger than the L3 this machine reports
+    models = {setting: _model(cfg) for setting in ("on", "off")}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    module, name = PREDICATES[args.choice]
+    real = getattr(module, name)
+
+    def use(setting: str) -> None:
+        setattr(module, name, real if setting == "on" else (lambda *a, **k: False))
+
+    outs = {}
+    with torch.inference_mode():
+        for setting, unet in models.items():
+            use(setting)
+            for _ in range(3):  # eager, record, replay
+                outs[setting] = unet(x, t).sample
+        for _ in range(args.rounds):
+            for setting, unet in models.items():
+                use(setting)
+                flush.sum()  # a read, so that no dirty lines are written back during the timed call
+                time.sleep(0.05)
+                start = time.perf_counter()
+                unet(x, t)
+                times[setting].append((time.perf_counter() - start) * 1e3)
+    use("on")
+    return times, outs
 
 
 if __name__ == "__main__":

@@ -59,13 +59,13 @@ DType kernel_dtype(ScalarType t, const char* op, const char* name) {
   }
 }
 
-void check_group_norm_silu(const Tensor& x, int64_t num_groups, const std::optional<Tensor>& weight,
-                           const std::optional<Tensor>& bias, double eps, const std::optional<Tensor>& temb,
-                           DeviceType device) {
-  constexpr const char* op = "group_norm_silu";
-  check_main(op, "x", x, device);
-  DDPM_FAST_CHECK(x.dim() >= 2, op, ": x must be (N, C, H, W), got shape ", sizes_str(x.sizes()));
-  const int64_t N = x.size(0), C = x.size(1);
+namespace {
+
+// What group_norm_silu and group_norm_silu_cat check alike, for C channels (x's, or x's and skip's together).
+void check_group_norm_params(const char* op, const Tensor& x, int64_t C, int64_t num_groups,
+                             const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                             const std::optional<Tensor>& temb) {
+  const int64_t N = x.size(0);
   DDPM_FAST_CHECK(num_groups > 0, op, ": num_groups must be positive, got ", num_groups);
   DDPM_FAST_CHECK(C % num_groups == 0, op, ": channels (", C, ") must be divisible by num_groups (", num_groups,
                   ")");
@@ -86,6 +86,31 @@ void check_group_norm_silu(const Tensor& x, int64_t num_groups, const std::optio
     DDPM_FAST_CHECK(temb->dim() == 2 && temb->size(0) == N && temb->size(1) == C, op, ": temb must have shape (",
                     N, ", ", C, "), got ", sizes_str(temb->sizes()));
   }
+}
+
+}  // namespace
+
+void check_group_norm_silu(const Tensor& x, int64_t num_groups, const std::optional<Tensor>& weight,
+                           const std::optional<Tensor>& bias, double eps, const std::optional<Tensor>& temb,
+                           DeviceType device) {
+  constexpr const char* op = "group_norm_silu";
+  check_main(op, "x", x, device);
+  DDPM_FAST_CHECK(x.dim() >= 2, op, ": x must be (N, C, H, W), got shape ", sizes_str(x.sizes()));
+  check_group_norm_params(op, x, x.size(1), num_groups, weight, bias, eps, temb);
+}
+
+void check_group_norm_silu_cat(const Tensor& x, const Tensor& skip, int64_t num_groups,
+                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                               DeviceType device) {
+  constexpr const char* op = "group_norm_silu_cat";
+  check_main(op, "x", x, device);
+  check_like(op, "skip", skip, "x", x);
+  DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D shape ", sizes_str(x.sizes()));
+  DDPM_FAST_CHECK(skip.dim() == 4 && skip.size(0) == x.size(0) && skip.size(2) == x.size(2) &&
+                      skip.size(3) == x.size(3),
+                  op, ": skip must be (N, C_skip, H, W) with x's N, H and W ", sizes_str(x.sizes()), ", got ",
+                  sizes_str(skip.sizes()));
+  check_group_norm_params(op, x, x.size(1) + skip.size(1), num_groups, weight, bias, eps, std::nullopt);
 }
 
 void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, DeviceType device, int64_t max_head_dim) {

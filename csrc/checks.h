@@ -32,6 +32,9 @@ DType kernel_dtype(ScalarType t, const char* op, const char* name);
 void check_group_norm_silu(const Tensor& x, int64_t num_groups, const std::optional<Tensor>& weight,
                            const std::optional<Tensor>& bias, double eps, const std::optional<Tensor>& temb,
                            DeviceType device);
+void check_group_norm_silu_cat(const Tensor& x, const Tensor& skip, int64_t num_groups,
+                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                               DeviceType device);
 
 // attention: q, k, v all 3-D or all 4-D on one `device`, one float dtype, matching batch / head / key
 // sizes, D >= 1, at least one key unless there is no query. max_head_dim > 0 also bounds D and Dv.

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/pool.h"
 #include "kernel_limits.h"
 #include "stable_compat.h"
 
@@ -18,6 +19,9 @@ STABLE_TORCH_LIBRARY(ddpm_fast, m) {
   // x is (N, C, H, W) (CUDA also takes (N, C, ...)); the output keeps x's memory format (channels_last or
   // contiguous). weight, bias (C,) and temb (N, C) may be any float dtype.
   m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? temb, bool silu) -> Tensor");
+  // group_norm_silu(cat([x, skip], dim=1), ...) without the concatenation (CPU only): x (N, C1, H, W) and skip
+  // (N, C2, H, W) of one dtype; weight, bias (C1 + C2,). The output takes x's memory format.
+  m.def("group_norm_silu_cat(Tensor x, Tensor skip, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
   // softmax(q k^T * scale) v for q (B, H, L, D) or (B, L, D), k (.., S, D), v (.., S, Dv); scale defaults to
   // 1/sqrt(D). Returns (B, H, L, Dv) (or (B, L, Dv)), contiguous, in q's dtype.
   m.def("attention(Tensor q, Tensor k, Tensor v, float? scale) -> Tensor");
@@ -68,4 +72,17 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("limits") = limits;
   // Which CPU kernel build runs here ("AVX512", "AVX2" or "DEFAULT"); DDPM_FAST_CPU_ISA can force one.
   mod.def("cpu_isa", [] { return std::string(ddpm_fast::cpu::kernels().isa); });
+  // The CPU kernels' memory pool (csrc/cpu/pool.cpp): its counters, freeing what it caches, and its limit.
+  mod.def("cpu_pool_stats", [] {
+    const ddpm_fast::cpu::PoolStats s = ddpm_fast::cpu::pool_stats();
+    pybind11::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["live_bytes"] = s.live_bytes;
+    d["limit_bytes"] = s.limit_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
+  mod.def("cpu_pool_release_cached", [] { ddpm_fast::cpu::pool_release_cached(); });
+  mod.def("cpu_pool_set_limit", [](int64_t bytes) { ddpm_fast::cpu::pool_set_limit(bytes); });
 }

@@ -23,6 +23,7 @@ from ddpm_fast import cuda_graphs, fast_path
 from ddpm_fast.models import conv as conv_mod
 from ddpm_fast.models import linear as linear_mod
 from ddpm_fast.models import prepared
+from ddpm_fast.models import resnet as resnet_mod
 from ddpm_fast.models.conv import Conv2d
 from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, TINY, err, pipeline_images, unet_pair
 
@@ -202,6 +203,109 @@ def test_taps_conv_matches_float64(case):
     assert conv_mod.conv_path(wider, x) != "taps"
 
 
+CAT_CASES = [  # (channels of x, channels of skip, outputs, bias, (N, H, W))
+    (24, 40, 48, True, (2, 5, 7)),
+    (3, 5, 16, False, (1, 4, 4)),
+    (64, 32, 96, True, (1, 1, 17)),
+]
+
+
+@pytest.mark.parametrize("case", CAT_CASES, ids=str)
+def test_conv_over_a_concatenation_as_two_gemms(case):
+    """A 1x1 convolution of cat([x, skip]) as two GEMMs over x's and skip's rows ("gemm_cat"): against F.conv2d of
+    the concatenation in float64, with a residual, after a weight change; NCHW or float64 inputs take the
+    concatenation instead, with the same result."""
+    c1, c2, o, bias, (n, h, w) = case
+    gen = torch.Generator().manual_seed(c1 * 31 + c2)
+    conv = Conv2d(c1 + c2, o, 1, bias=bias).eval()
+    x = torch.randn(n, c1, h, w, generator=gen).contiguous(memory_format=CL)
+    skip = torch.randn(n, c2, h, w, generator=gen).contiguous(memory_format=CL)
+    other = torch.randn(n, o, h, w, generator=gen).contiguous(memory_format=CL)
+
+    def ref(residual=None):
+        b = None if conv.bias is None else conv.bias.double()
+        y = F.conv2d(torch.cat([x, skip], 1).double(), conv.weight.double(), b)
+        return y if residual is None else y + residual.double()
+
+    with torch.no_grad(), fast_path.record_paths() as paths:
+        outs, refs = [conv.forward_cat(x, skip), conv.forward_cat(x, skip, other)], [ref(), ref(other)]
+        conv.weight.mul_(-0.5)
+        outs.append(conv.forward_cat(x, skip))
+        refs.append(ref())
+        nchw = conv.forward_cat(x.contiguous(), skip.contiguous(), other)
+    assert paths["conv:gemm_cat"] == 3
+    for out, expected in zip(outs, refs):
+        assert out.shape == (n, o, h, w) and out.is_contiguous(memory_format=CL)
+        assert err(out, expected) <= 2e-6 * (1 + expected.abs().max().item())
+    assert conv_mod.cat_path(conv, x.contiguous(), skip.contiguous()) == "cat" or h * w == 1
+    torch.testing.assert_close(nchw, (ref(other)).float(), rtol=0, atol=1e-5)
+    assert conv_mod.cat_path(copy.deepcopy(conv).double(), x.double(), skip.double()) == "cat"
+    assert conv_mod.cat_path(Conv2d(c1 + c2, o, 3, padding=1), x, skip) == "cat"
+    assert conv_mod.cat_path(conv, x, skip[:, :-1]) == "cat"  # channels do not add up
+
+
+def _up_resnet(c1: int, c2: int, out: int, seed: int):
+    torch.manual_seed(seed)
+    resnet = ddpm_fast.models.resnet.ResnetBlock2D(in_channels=c1 + c2, out_channels=out, temb_channels=32, groups=8)
+    with torch.no_grad():  # non-trivial norms
+        for norm in (resnet.norm1, resnet.norm2):
+            norm.weight.normal_(1.0, 0.2)
+            norm.bias.normal_(0.0, 0.2)
+    return resnet.eval()
+
+
+def test_up_resnet_without_the_concatenation_matches_the_reference():
+    """An up block's resnet on (h, skip): the groups of norm1 straddle the two inputs (24 = 3 groups of 8), 2 x 24 x
+    24 = 1152 pixels (>= CAT_FREE_MIN_PIXELS): against its reference path on the concatenation in float64."""
+    resnet = _up_resnet(20, 44, 48, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 20, 24, 24, generator=gen).contiguous(memory_format=CL)
+    skip = (torch.randn(2, 44, 24, 24, generator=gen) * 0.5 + 0.3).contiguous(memory_format=CL)
+    temb = torch.randn(2, 32, generator=gen)
+    with torch.no_grad():
+        with fast_path.record_paths() as paths:
+            out = resnet.forward_cat(h, skip, temb)
+        with ddpm_fast.backend("reference"):
+            expected = copy.deepcopy(resnet).double()(torch.cat([h, skip], 1).double(), temb.double())
+            assert not resnet_mod.cat_free(resnet, h, skip)  # the reference backend concatenates
+        fused_on_cat = resnet(torch.cat([h, skip], 1), temb)
+    assert paths["resnet:cat_free"] == 1 and paths["conv:gemm_cat"] == 1
+    assert err(out, expected) <= 2e-5 * (1 + expected.abs().max().item())
+    torch.testing.assert_close(out, fused_on_cat, rtol=1e-5, atol=1e-5)
+
+
+def test_up_resnet_concatenates_when_a_hook_would_see_the_input():
+    resnet = _up_resnet(16, 16, 24, seed=5)
+    h = torch.randn(1, 16, 32, 32).contiguous(memory_format=CL)
+    skip = torch.randn(1, 16, 32, 32).contiguous(memory_format=CL)
+    seen = []
+    with torch.no_grad():
+        assert resnet_mod.cat_free(resnet, h, skip)
+        assert not resnet_mod.cat_free(resnet, h[:, :, :16, :16], skip[:, :, :16, :16])  # 256 < 1024 pixels
+        for module in (resnet, resnet.conv_shortcut):
+            handle = module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+            with fast_path.record_paths() as paths:
+                out = resnet.forward_cat(h, skip)
+            handle.remove()
+            assert paths["resnet:cat_free"] == 0
+            torch.testing.assert_close(out, resnet.forward_cat(h, skip), rtol=1e-5, atol=1e-5)
+    assert seen == [32, 32]  # each hook saw the concatenated input
+
+
+def test_unet_without_concatenations_matches_diffusers(monkeypatch):
+    """Every up-block resnet of a small UNet skips its concatenation (the pixel minimum lowered): the output stays
+    within the fused tolerance of diffusers'."""
+    monkeypatch.setattr(resnet_mod, "CAT_FREE_MIN_PIXELS", 16)
+    ref, ours = _pair(TINY, seed=9)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), fast_path.record_paths() as paths:
+        out = ours(x, 5).sample
+        expected = ref(x, 5).sample
+    up_resnets = sum(len(block.resnets) for block in ours.up_blocks)
+    assert paths["resnet:cat_free"] == up_resnets > 0
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_weight_is_rebuilt_when_the_weight_changes():
     torch.manual_seed(2)
     conv = Conv2d(8, 8, 3, padding=1)
@@ -343,10 +447,13 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
         y = ours(x, 10).sample
         expected = ref(x, 10).sample
     # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 2x2 tiles: all 47 eligible convolutions run as Winograd,
-    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4; the 6 1x1 shortcuts at 8x8 and
-    # 4x4 (at most 1024 pixels) as GEMMs
-    assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:gemm"] == 6
-    assert stats["conv:packed"] == 11 and stats["conv:taps"] == 1
+    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4. The 9 up-block resnets on at least
+    # CAT_FREE_MIN_PIXELS (32x32 to 8x8) skip their concatenation, their shortcuts as two GEMMs ("gemm_cat"); the
+    # other 1x1 shortcuts with at most 1024 pixels (3 up at 4x4) are GEMMs, the down one at 16x16 is packed.
+    assert resnet_mod.CAT_FREE_MIN_PIXELS == 1024
+    assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:gemm"] == 3
+    assert stats["conv:gemm_cat"] == stats["resnet:cat_free"] == 9
+    assert stats["conv:packed"] == 5 and stats["conv:taps"] == 1
     assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == 33
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 

@@ -61,6 +61,80 @@ def test_group_norm_silu_matches_reference(shape, fmt, dtype):
             assert out.is_contiguous()
 
 
+# (N, C1, C2, H, W, G): groups inside one input, groups across the boundary (C1 not a multiple of C / G), channel
+# counts that are not whole vectors, single pixels
+GN_CAT_SHAPES = [
+    (2, 64, 32, 5, 7, 8),
+    (1, 12, 20, 3, 3, 4),
+    (3, 5, 7, 4, 2, 3),
+    (1, 256, 128, 9, 9, 32),
+    (2, 8, 8, 1, 1, 4),
+]
+
+
+@native
+@pytest.mark.parametrize("shape", GN_CAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_silu_cat_matches_reference(shape, fmt, dtype):
+    N, C1, C2, H, W, G = shape
+    g = torch.Generator().manual_seed(seed_of(shape, fmt, "cat"))
+    x = (torch.randn(N, C1, H, W, generator=g) * 2 + 0.5).to(dtype)
+    skip = (torch.randn(N, C2, H, W, generator=g) - 1.5).to(dtype)
+    if fmt == "mixed":  # skip in the other format: brought to x's
+        x, skip = _layout(x, "channels_last"), _layout(skip, "contiguous")
+    else:
+        x, skip = _layout(x, fmt), _layout(skip, fmt)
+    w = torch.randn(C1 + C2, generator=g).to(dtype)
+    b = torch.randn(C1 + C2, generator=g).to(dtype)
+    cat = torch.cat([x, skip], dim=1)
+    for silu, affine in [(True, True), (False, False), (True, False)]:
+        ww, bb = (w, b) if affine else (None, None)
+        out = torch.ops.ddpm_fast.group_norm_silu_cat(x, skip, G, ww, bb, 1e-5, silu)
+        ref = F.group_norm(cat.double(), G, None if ww is None else ww.double(), None if bb is None else bb.double())
+        ref = F.silu(ref) if silu else ref
+        same = F.group_norm(cat.contiguous(), G, ww, bb, 1e-5)
+        same = F.silu(same) if silu else same
+        _assert_close_rule(out, same, ref, dtype, f"silu={silu} affine={affine}")
+        # the one-input op on the concatenation, up to the order of the float sums
+        tol = 2e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, ops.group_norm_silu(cat, G, ww, bb, 1e-5, silu=silu), rtol=tol, atol=tol)
+        channels_last = fmt in ("channels_last", "mixed") and H * W > 1
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@native
+def test_group_norm_silu_cat_large_mean_is_stable():
+    torch.manual_seed(0)
+    x = (1e4 + torch.randn(2, 48, 16, 16)).contiguous(memory_format=torch.channels_last)
+    skip = (-3e3 + torch.randn(2, 16, 16, 16)).contiguous(memory_format=torch.channels_last)
+    ref = F.group_norm(torch.cat([x, skip], 1).double(), 8)
+    assert _err(ops.group_norm_silu_cat(x, skip, 8, silu=False), ref) < 5e-3
+
+
+@native
+def test_group_norm_silu_cat_bad_inputs():
+    x, skip = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
+    op = torch.ops.ddpm_fast
+    cases = [
+        (lambda: ops.group_norm_silu_cat(x, skip, 5), ValueError, "divisible"),
+        (lambda: op.group_norm_silu_cat(x, skip, 5, None, None, 1e-5, True), RuntimeError, "divisible"),
+        (lambda: ops.group_norm_silu_cat(x, skip[:1], 4), ValueError, "skip must be"),
+        (lambda: ops.group_norm_silu_cat(x, skip[:, :, :3], 4), ValueError, "skip must be"),
+        (lambda: ops.group_norm_silu_cat(x, skip[0], 4), ValueError, "skip must be"),
+        (lambda: ops.group_norm_silu_cat(x[0], skip, 4), ValueError, "4-D"),
+        (lambda: ops.group_norm_silu_cat(x, skip.half(), 4), ValueError, "skip has dtype"),
+        (lambda: ops.group_norm_silu_cat(x, skip, 4, torch.randn(8)), ValueError, "weight must have shape \\(12\\)"),
+        (lambda: op.group_norm_silu_cat(x, skip, 4, None, torch.randn(12).int(), 1e-5, True), RuntimeError, "bias"),
+        (lambda: ops.group_norm_silu_cat(x, skip, 4, eps=-1.0), ValueError, "eps"),
+        (lambda: op.group_norm_silu_cat(x.int(), skip, 4, None, None, 1e-5, True), RuntimeError, "x has dtype Int"),
+        (lambda: ops.group_norm_silu_cat(x, "skip", 4), TypeError, "skip"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
 @native
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_group_norm_large_mean_is_stable(fmt):
@@ -338,6 +412,13 @@ def test_opcheck_all_ops():
             (xx, 4, torch.randn(16), torch.randn(16), 1e-5, torch.randn(2, 16), True),
         )
         torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (xx, 8, None, None, 1e-6, None, False))
+        skip = torch.randn(2, 12, 5, 3).contiguous(
+            memory_format=torch.preserve_format if xx is x else torch.channels_last
+        )
+        torch.library.opcheck(
+            torch.ops.ddpm_fast.group_norm_silu_cat.default, (xx, skip, 4, torch.randn(28), torch.randn(28), 1e-5, True)
+        )
+        torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu_cat.default, (xx, skip, 7, None, None, 1e-6, False))
     q, k, v = torch.randn(1, 2, 7, 9), torch.randn(1, 2, 11, 9), torch.randn(1, 2, 11, 5)
     torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q, k, v, None))
     torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q[0], k[0], v[0], 0.5))

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "cpu/common.h"
+#include "cpu/pool.h"
 
 namespace ddpm_fast::cpu {
 
@@ -48,7 +49,7 @@ static Tensor attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor
   const float sc = scale.has_value() ? float(*scale) : float(1.0 / std::sqrt(double(D)));
 
   const std::vector<int64_t> out_sizes = three ? std::vector<int64_t>{B, L, Dv} : std::vector<int64_t>{B, H, L, Dv};
-  Tensor out = alloc(qf, out_sizes, MemoryFormat::Contiguous, ScalarType::Float);
+  Tensor out = pooled(qf, out_sizes, MemoryFormat::Contiguous, ScalarType::Float);
   if (out.numel() > 0) {
     // Per (batch, head, query block): scores = Q_blk K^T and out_blk = softmax(scale * scores) V as two BLAS
     // GEMMs (torch's CPU GEMM through aoti_torch_cpu_mm_out, single-threaded inside our parallel region,

@@ -1,6 +1,7 @@
 // CPU GroupNorm (+ time-embedding add, + SiLU) in two passes: per-channel statistics over
 // cache-sized pieces (shifted two-pass mean / M2, combined per group with Chan's formula in double), then one
 // fused multiply-add + SiLU writing the output. NCHW works per channel row, channels_last per chunk of pixels.
+// group_norm_silu_cat normalises the channel concatenation of two inputs the same way, reading each in place.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/pool.h"
 
 namespace ddpm_fast::cpu {
 
@@ -46,18 +48,27 @@ static float element_as_float(DType dt, const void* p, int64_t i) {
   return f;
 }
 
-static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const std::optional<Tensor>& weight,
-                                  const std::optional<Tensor>& bias, double eps, const std::optional<Tensor>& temb,
-                                  bool silu) {
-  DDPM_FAST_CHECK(x_in.dim() == 4, "group_norm_silu: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D shape ",
-                  sizes_str(x_in.sizes()));
-  check_group_norm_silu(x_in, num_groups, weight, bias, eps, temb, DeviceType::CPU);
-  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+// One input of the normalised channel concatenation: its data, its channels and the first of them in it.
+struct Part {
+  const char* p;
+  int64_t c, c0;
+};
 
-  const bool channels_last = !x_in.is_contiguous() && is_channels_last_contiguous(x_in);
-  const Tensor x = channels_last || x_in.is_contiguous() ? x_in : torch::stable::contiguous(x_in);
-  Tensor y = alloc_like(x, channels_last ? MemoryFormat::ChannelsLast : MemoryFormat::Contiguous);
-  if (x.numel() == 0) return y;
+// The op body for inputs xs (the parts of the channel concatenation, all in the same memory format: channels_last
+// or contiguous, as `channels_last` says), already checked.
+static Tensor group_norm_parts(const std::vector<Tensor>& xs, bool channels_last, int64_t num_groups,
+                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                               const std::optional<Tensor>& temb, bool silu) {
+  const Tensor& x = xs[0];
+  std::vector<Part> parts;
+  int64_t C = 0;
+  for (const Tensor& t : xs) {
+    parts.push_back({static_cast<const char*>(t.const_data_ptr()), t.size(1), C});
+    C += t.size(1);
+  }
+  const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+  Tensor y = pooled(x, {N, C, x.size(2), x.size(3)}, channels_last ? MemoryFormat::ChannelsLast : MemoryFormat::Contiguous);
+  if (y.numel() == 0) return y;
 
   const std::optional<Tensor> w = float_param(weight), b = float_param(bias), t = float_param(temb);
   const float* pw = w ? static_cast<const float*>(w->const_data_ptr()) : nullptr;
@@ -65,7 +76,6 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
   const float* pt = t ? static_cast<const float*>(t->const_data_ptr()) : nullptr;
   const DType dt = kernel_dtype(dtype_of(x), "group_norm_silu", "x");
   const int64_t es = static_cast<int64_t>(x.element_size()), G = num_groups, Cg = C / G;
-  const char* px = static_cast<const char*>(x.const_data_ptr());
   char* py = static_cast<char*>(y.mutable_data_ptr());
   const auto& k = kernels();
 
@@ -77,15 +87,10 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
   // shared by all its pieces (channels_last: the sample's first pixel; NCHW: the row's first value), so the
   // pieces' offsets are small numbers that combine in float; only the per-channel totals go to double.
   std::vector<float> shift(N * C), off(N * nchunks * C), m2(N * nchunks * C);
-  if (channels_last) {
-    if (dt == DType::F32) {
-      const float* xf = reinterpret_cast<const float*>(px);
-      for (int64_t n = 0; n < N; ++n) std::copy(xf + n * HW * C, xf + n * HW * C + C, &shift[n * C]);
-    } else {
+  if (channels_last)
+    for (const Part& q : parts)
       for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c) shift[n * C + c] = element_as_float(dt, px, n * HW * C + c);
-    }
-  }
+        for (int64_t c = 0; c < q.c; ++c) shift[n * C + q.c0 + c] = element_as_float(dt, q.p, n * HW * q.c + c);
 
   // Per-sample coefficients (Chan's combination; temb is a per-channel shift that moves the mean, not M2):
   // y = (x - hi) * a + b2 with hi = float(group mean - temb), a = rstd * gamma and b2 = beta - (centre - hi) * a,
@@ -169,7 +174,9 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
     auto stats = [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
-        k.col_stats(dt, px + (n * HW + p0) * C * es, p, C, &shift[n * C], &off[task * C], &m2[task * C]);
+        for (const Part& q : parts)
+          k.col_stats(dt, q.p + (n * HW + p0) * q.c * es, p, q.c, &shift[n * C + q.c0], &off[task * C + q.c0],
+                      &m2[task * C + q.c0]);
       }
     };
     // Participants whose pieces include some of sample n, and participant i's part of it.
@@ -217,8 +224,9 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
       coefs(n, cf.data(), cf.data() + C, cf.data() + 2 * C, cf.data() + 3 * C);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t ch = task % nchunks, p0 = ch * P, p = std::min(P, HW - p0);
-        const int64_t o = (n * HW + p0) * C * es;
-        k.col_affine(dt, px + o, py + o, p, C, cf.data(), cf.data() + C, cf.data() + 2 * C, silu);
+        for (const Part& q : parts)
+          k.col_affine(dt, q.p + (n * HW + p0) * q.c * es, q.c, py + ((n * HW + p0) * C + q.c0) * es, C, p, q.c,
+                       cf.data() + q.c0, cf.data() + C + q.c0, cf.data() + 2 * C + q.c0, silu);
       }
     };
     auto run = [&](int64_t i0, int64_t i1) {
@@ -254,18 +262,67 @@ static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const 
     if (nt == 1) run(0, 1);
     else parallel_for(0, nt, 1, run);
   } else {
+    // Rows r = n * C + c of the concatenation, [r0, r1) cut at sample and part boundaries: f(part, n, c_lo,
+    // c_hi) with c_lo, c_hi counted within the part.
+    auto for_rows = [&](int64_t r0, int64_t r1, auto&& f) {
+      for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / C, c = r % C;
+        const Part* q = &parts[0];
+        for (const Part& cand : parts)
+          if (c >= cand.c0) q = &cand;
+        const int64_t e = std::min(r1, n * C + q->c0 + q->c);
+        f(*q, n, c - q->c0, e - n * C - q->c0);
+        r = e;
+      }
+    };
     parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
-      k.row_stats(dt, px, HW, r0, r1, shift.data(), off.data(), m2.data());
+      for_rows(r0, r1, [&](const Part& q, int64_t n, int64_t lo, int64_t hi) {
+        const int64_t o = n * C + q.c0;
+        k.row_stats(dt, q.p + n * q.c * HW * es, HW, lo, hi, &shift[o], &off[o], &m2[o]);
+      });
     });
     std::vector<float> hi(N * C), a(N * C), b2(N * C), work(2 * C);
     for (int64_t n = 0; n < N; ++n) coefs(n, &hi[n * C], &a[n * C], &b2[n * C], work.data());
     parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t r0, int64_t r1) {
-      k.row_affine(dt, px, py, HW, r0, r1, hi.data(), a.data(), b2.data(), silu);
+      for_rows(r0, r1, [&](const Part& q, int64_t n, int64_t lo, int64_t hi_c) {
+        const int64_t o = n * C + q.c0;
+        k.row_affine(dt, q.p + n * q.c * HW * es, py + o * HW * es, HW, lo, hi_c, &hi[o], &a[o], &b2[o], silu);
+      });
     });
   }
   return y;
 }
 
+static Tensor group_norm_silu_cpu(const Tensor& x_in, int64_t num_groups, const std::optional<Tensor>& weight,
+                                  const std::optional<Tensor>& bias, double eps, const std::optional<Tensor>& temb,
+                                  bool silu) {
+  DDPM_FAST_CHECK(x_in.dim() == 4, "group_norm_silu: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D shape ",
+                  sizes_str(x_in.sizes()));
+  check_group_norm_silu(x_in, num_groups, weight, bias, eps, temb, DeviceType::CPU);
+  const bool channels_last = !x_in.is_contiguous() && is_channels_last_contiguous(x_in);
+  const Tensor x = channels_last || x_in.is_contiguous() ? x_in : torch::stable::contiguous(x_in);
+  return group_norm_parts({x}, channels_last, num_groups, weight, bias, eps, temb, silu);
+}
+
+// group_norm_silu(cat([x, skip], 1)) without the concatenation: the statistics and the output read both inputs
+// where they are (an up block's skip connection).
+static Tensor group_norm_silu_cat_cpu(const Tensor& x_in, const Tensor& skip_in, int64_t num_groups,
+                                      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                      double eps, bool silu) {
+  check_group_norm_silu_cat(x_in, skip_in, num_groups, weight, bias, eps, DeviceType::CPU);
+  // x's memory format decides the output's (as torch.cat does); skip is brought to it.
+  const bool channels_last = !x_in.is_contiguous() && is_channels_last_contiguous(x_in);
+  auto in_format = [&](const Tensor& t) {
+    if (channels_last) return is_channels_last_contiguous(t) ? t : torch::stable::contiguous(t, MemoryFormat::ChannelsLast);
+    return t.is_contiguous() ? t : torch::stable::contiguous(t);
+  };
+  return group_norm_parts({in_format(x_in), in_format(skip_in)}, channels_last, num_groups, weight, bias, eps,
+                          std::nullopt, silu);
+}
+
 }  // namespace ddpm_fast::cpu
 
-STABLE_TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("group_norm_silu", TORCH_BOX(&ddpm_fast::cpu::group_norm_silu_cpu)); }
+STABLE_TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("group_norm_silu", TORCH_BOX(&ddpm_fast::cpu::group_norm_silu_cpu));
+  m.impl("group_norm_silu_cat", TORCH_BOX(&ddpm_fast::cpu::group_norm_silu_cat_cpu));
+}

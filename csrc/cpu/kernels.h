@@ -25,9 +25,10 @@ struct Kernels {
   // y = (x - hi[r]) * a[r] + b[r] (then SiLU) for rows [r0, r1) of length len.
   void (*row_affine)(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
                      const float* a, const float* b, bool silu);
-  // y = (x - hi) * a + b per column (then SiLU) over p rows of c columns.
-  void (*col_affine)(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
-                     const float* b, bool silu);
+  // y = (x - hi) * a + b per column (then SiLU) over p rows of c columns; rows ldx (x) and ldy (y) elements
+  // apart (ldy > c: these are some of y's channels).
+  void (*col_affine)(DType, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t p, int64_t c,
+                     const float* hi, const float* a, const float* b, bool silu);
   // In place, for `rows` rows of n scores (row stride ld): s = softmax(scale * s) along the row.
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
   // Winograd F(tile x tile, 3x3), tile 2 or 4, fp32 channels-last (N, H, W, C) images cut into

@@ -25,12 +25,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <optional>
 #include <string>
 #include <unistd.h>
 
 #include "cpu/common.h"
+#include "cpu/pool.h"
 
 namespace ddpm_fast::cpu {
 
@@ -87,9 +87,8 @@ int64_t block_tiles(const Geometry& g, int64_t budget) {
 int64_t plane_stride(int64_t rows, int64_t cols) { return rows * cols + 16; }
 
 // The per-thread pipeline: item i of min(threads, T) owns tiles [i T / items, (i + 1) T / items) and runs them in
-// equal blocks of at most nb tiles. Each item allocates its own V and M (one block's worth, at most a few times
-// L2: below glibc's mmap threshold, so after the first call they come from the thread's heap without page
-// faults, and nothing stays allocated between calls).
+// equal blocks of at most nb tiles. Each item takes its own V and M (one block's worth, at most a few times
+// L2) from the pool (pool.h), which keeps them for the next call.
 void run_pipeline(const Kernels& k, const Geometry& g, int64_t T, bool torch_gemm, int64_t budget) {
   const int64_t P = g.planes, C = g.C, O = g.O;
   const int64_t items = std::min<int64_t>(std::max<int64_t>(1, num_threads()), T);
@@ -101,8 +100,8 @@ void run_pipeline(const Kernels& k, const Geometry& g, int64_t T, bool torch_gem
     // Strides for a full block; torch's GEMM wants dense (P, rows, .) blocks, so with it a shorter last block
     // packs its planes with rows instead of nb (the same buffer, smaller strides).
     const int64_t v_floats = (P * plane_stride(nb, C) + 15) / 16 * 16;
-    std::unique_ptr<float[]> mem(new float[size_t(v_floats + P * plane_stride(nb, O) + 16)]);
-    float* V = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(mem.get()) + 63) & ~uintptr_t(63));
+    const PoolScratch mem(4 * (v_floats + P * plane_stride(nb, O)));
+    float* V = mem.floats();
     float* M = V + v_floats;
     for (int64_t b0 = ta; b0 < tb; b0 += nb) {
       const int64_t rows = std::min(nb, tb - b0);
@@ -132,7 +131,7 @@ void run_batched(const Kernels& k, const Geometry& g, int64_t T) {
   // 256 tiles per block for F2, 128 for F4's 36 planes: each GEMM keeps 128-256 rows while V and M stay within
   // L2/L3 (1024-tile blocks made a 64x64, 128-channel layer twice as slow as the direct convolution).
   const int64_t block = std::min<int64_t>(T, g.tile == 2 ? 256 : 128);
-  Tensor V = alloc(*g.weight, {P, block, C}), M = alloc(*g.weight, {P, block, O});
+  Tensor V = pooled(*g.weight, {P, block, C}), M = pooled(*g.weight, {P, block, O});
   for (int64_t b0 = 0; b0 < T; b0 += block) {
     const int64_t nb = std::min(block, T - b0);
     // The last block may be shorter: (planes, nb, .) views of the same buffers.
@@ -162,7 +161,7 @@ static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, con
   };
   auto contiguous = [](const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); };
   const Tensor x = channels_last(x_in);
-  Tensor y = alloc(x, {N, O, H, W}, MemoryFormat::ChannelsLast);
+  Tensor y = pooled(x, {N, O, H, W}, MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   const std::optional<Tensor> b = bias ? std::optional<Tensor>(contiguous(*bias)) : std::nullopt;
   const std::optional<Tensor> res = residual ? std::optional<Tensor>(channels_last(*residual)) : std::nullopt;

@@ -21,10 +21,14 @@ __all__ = [
     "ArgumentError",
     "attention",
     "conv3x3_winograd",
+    "cpu_memory_stats",
+    "empty_cpu_cache",
     "group_norm_silu",
+    "group_norm_silu_cat",
     "native_available",
     "scheduler_step",
     "scheduler_step_table",
+    "set_cpu_cache_limit",
     "winograd_weight",
 ]
 
@@ -91,6 +95,37 @@ def _refused(op: str, exc: RuntimeError) -> ArgumentError | None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# The CPU kernels' memory pool (csrc/cpu/pool.cpp)
+
+
+def cpu_memory_stats() -> dict[str, int]:
+    """Counters of the memory the CPU kernels keep for their large outputs and scratch (blocks of 1 MiB and up,
+    reused call after call so that a forward does not fault its activations in again every time):
+    ``cached_bytes`` (free blocks kept), ``live_bytes`` (blocks in use), ``limit_bytes`` (the most kept free;
+    ``DDPM_FAST_CPU_POOL_MB``, default a quarter of physical memory, 0 = off), ``hits`` and ``misses``.
+    All zero without the native extension. The pool needs torch >= 2.11 (tensors with a deleter); on 2.10 the
+    kernels allocate through torch, and the counters stay at zero."""
+    if not _native.available():
+        return {"cached_bytes": 0, "live_bytes": 0, "limit_bytes": 0, "hits": 0, "misses": 0}
+    return dict(_native.load().cpu_pool_stats())
+
+
+def empty_cpu_cache() -> None:
+    """Free every block the CPU kernels' pool keeps (blocks of live tensors are freed when those die), as
+    ``torch.cuda.empty_cache()`` does for CUDA."""
+    if _native.available():
+        _native.load().cpu_pool_release_cached()
+
+
+def set_cpu_cache_limit(limit_bytes: int) -> None:
+    """Keep at most ``limit_bytes`` of free blocks in the CPU kernels' pool (0 turns it off and frees them)."""
+    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be an int >= 0, got {limit_bytes!r}")
+    if _native.available():
+        _native.load().cpu_pool_set_limit(limit_bytes)
+
+
+# --------------------------------------------------------------------------------------------------------
 # GroupNorm (+ time-embedding add) (+ SiLU)
 
 
@@ -124,6 +159,37 @@ def group_norm_silu(
                 raise refusal from None
             raise
     return _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu)
+
+
+def group_norm_silu_cat(
+    x: torch.Tensor,
+    skip: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    silu: bool = True,
+) -> torch.Tensor:
+    """``group_norm_silu(torch.cat([x, skip], dim=1), ...)``: on the CPU without building the concatenation (both
+    inputs are read where they are; an up block's skip connection), elsewhere as those two ops.
+
+    Args:
+        x: ``(N, C1, H, W)``; its memory format is the output's.
+        skip: ``(N, C2, H, W)``, x's dtype and device.
+        num_groups: must divide ``C1 + C2``; a group may take channels of both.
+        weight, bias: optional ``(C1 + C2,)``.
+    """
+    if not isinstance(skip, torch.Tensor):
+        raise TypeError(f"skip: expected a torch.Tensor, got {type(skip).__name__}")
+    if x.device.type != "cuda" and _native_covers(x, skip, weight, bias):
+        try:
+            return torch.ops.ddpm_fast.group_norm_silu_cat.default(x, skip, num_groups, weight, bias, eps, silu)
+        except RuntimeError as exc:
+            if (refusal := _refused("group_norm_silu_cat", exc)) is not None:
+                raise refusal from None
+            raise
+    return group_norm_silu(torch.cat([x, skip], dim=1), num_groups, weight, bias, eps, silu=silu)
 
 
 def _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu):
@@ -414,6 +480,13 @@ def _register_fakes() -> None:
         _same_device("group_norm_silu", "x", x, weight=weight, bias=bias, temb=temb)
         cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    @torch.library.register_fake("ddpm_fast::group_norm_silu_cat")
+    def _(x, skip, num_groups, weight, bias, eps, silu):
+        _same_device("group_norm_silu_cat", "x", x, skip=skip, weight=weight, bias=bias)
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        shape = (x.shape[0], x.shape[1] + skip.shape[1], *x.shape[2:])
+        return x.new_empty(shape).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
     @torch.library.register_fake("ddpm_fast::attention")
     def _(q, k, v, scale):

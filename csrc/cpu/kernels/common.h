@@ -272,8 +272,8 @@ void row_stats_kernel(DType, const void* x, int64_t len, int64_t r0, int64_t r1,
 void col_stats_kernel(DType, const void* x, int64_t p, int64_t c, const float* ref, float* off, float* m2);
 void row_affine_kernel(DType, const void* x, void* y, int64_t len, int64_t r0, int64_t r1, const float* hi,
                        const float* a, const float* b, bool silu);
-void col_affine_kernel(DType, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
-                       const float* b, bool silu);
+void col_affine_kernel(DType, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t p, int64_t c,
+                       const float* hi, const float* a, const float* b, bool silu);
 void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
 void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
                            int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);

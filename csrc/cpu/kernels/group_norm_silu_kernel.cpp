@@ -125,11 +125,12 @@ static void row_affine_impl(const T* x, T* y, int64_t len, int64_t r0, int64_t r
 }
 
 template <typename T, bool SILU>
-static void col_affine_full(const T* x, T* y, int64_t p, int64_t c, const float* hi, const float* a, const float* b) {
+static void col_affine_full(const T* x, int64_t ldx, T* y, int64_t ldy, int64_t p, int64_t c, const float* hi,
+                            const float* a, const float* b) {
   if (SILU && c % (4 * kV) == 0) {  // the UNet's channel counts: four vectors at a time (see silu4)
     for (int64_t i = 0; i < p; ++i) {
-      const T* src = x + i * c;
-      T* dst = y + i * c;
+      const T* src = x + i * ldx;
+      T* dst = y + i * ldy;
       for (int64_t j = 0; j < c; j += 4 * kV) {
         Vec v[4];
         for (int u = 0; u < 4; ++u) {
@@ -143,8 +144,8 @@ static void col_affine_full(const T* x, T* y, int64_t p, int64_t c, const float*
     return;
   }
   for (int64_t i = 0; i < p; ++i) {
-    const T* src = x + i * c;
-    T* dst = y + i * c;
+    const T* src = x + i * ldx;
+    T* dst = y + i * ldy;
     for (int64_t j = 0; j < c; j += kV) {
       Vec v = simd::fmadd(load(src + j) - Vec::loadu(hi + j), Vec::loadu(a + j), Vec::loadu(b + j));
       if (SILU) v = silu(v);
@@ -154,16 +155,16 @@ static void col_affine_full(const T* x, T* y, int64_t p, int64_t c, const float*
 }
 
 template <typename T>
-static void col_affine_impl(const T* x, T* y, int64_t p, int64_t c, const float* hi, const float* a, const float* b,
-                            bool do_silu) {
+static void col_affine_impl(const T* x, int64_t ldx, T* y, int64_t ldy, int64_t p, int64_t c, const float* hi,
+                            const float* a, const float* b, bool do_silu) {
   if (c % kV == 0) {
-    if (do_silu) col_affine_full<T, true>(x, y, p, c, hi, a, b);
-    else col_affine_full<T, false>(x, y, p, c, hi, a, b);
+    if (do_silu) col_affine_full<T, true>(x, ldx, y, ldy, p, c, hi, a, b);
+    else col_affine_full<T, false>(x, ldx, y, ldy, p, c, hi, a, b);
     return;
   }
   for (int64_t i = 0; i < p; ++i) {
-    const T* src = x + i * c;
-    T* dst = y + i * c;
+    const T* src = x + i * ldx;
+    T* dst = y + i * ldy;
     for (int64_t j = 0; j < c; j += kV) {
       const int64_t m = std::min<int64_t>(kV, c - j);
       Vec v = simd::fmadd(load(src + j, m) - load(hi + j, m), load(a + j, m), load(b + j, m));
@@ -185,9 +186,10 @@ void row_affine_kernel(DType dt, const void* x, void* y, int64_t len, int64_t r0
   DDPM_FAST_DISPATCH(dt, row_affine_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), len, r0, r1, hi, a, b,
                                             do_silu);)
 }
-void col_affine_kernel(DType dt, const void* x, void* y, int64_t p, int64_t c, const float* hi, const float* a,
-                       const float* b, bool do_silu) {
-  DDPM_FAST_DISPATCH(dt, col_affine_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), p, c, hi, a, b, do_silu);)
+void col_affine_kernel(DType dt, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t p, int64_t c,
+                       const float* hi, const float* a, const float* b, bool do_silu) {
+  DDPM_FAST_DISPATCH(dt, col_affine_impl<T>(static_cast<const T*>(x), ldx, static_cast<T*>(y), ldy, p, c, hi, a, b,
+                                            do_silu);)
 }
 
 }  // namespace CPU_CAPABILITY

@@ -24,6 +24,11 @@ picks one of
   kernels would otherwise convert it on every call);
 * ``"plain"``: ``nn.Conv2d`` itself (training, autograd, the reference backend, tracing, other devices).
 
+:func:`cat_path` decides how a convolution over a channel concatenation, ``conv(torch.cat([x, skip], 1))`` (an up
+block's shortcut), runs: ``"gemm_cat"``, a 1x1 CPU convolution as two GEMMs over the inputs' rows against the
+weight's two column blocks, the second adding the first's output, so the concatenation is never built; or
+``"cat"``, the concatenation and then :func:`conv_path`'s choice.
+
 The oneDNN ops are internal to PyTorch: each compute dtype is probed once against ``F.conv2d`` on a tiny
 problem; where the probe fails, those convolutions stay plain. On a CPU without native bf16/fp16 convolutions in
 oneDNN, bf16/fp16 convolutions compute in fp32 on oneDNN and round the result (PyTorch's own path there is
@@ -225,6 +230,34 @@ def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = Non
     return "plain"
 
 
+def cat_path(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor) -> str:
+    """How ``conv(torch.cat([x, skip], 1))`` runs: see the module docstring."""
+    if not (
+        conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and x.dim() == 4
+        and skip.dim() == 4
+        and x.shape[1] + skip.shape[1] == conv.in_channels
+        and x.shape[0] == skip.shape[0]
+        and x.shape[2:] == skip.shape[2:]
+        and x.dtype == skip.dtype == conv.weight.dtype
+        and x.is_cpu
+        and skip.is_cpu
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and skip.is_contiguous(memory_format=torch.channels_last)
+        and fast_path.use_fused(x, conv)
+        and fast_path.use_fused(skip, conv)
+        and x.shape[0] * x.shape[2] * x.shape[3] >= linear.PACKED_LINEAR_MIN_ROWS
+    ):
+        return "cat"
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view
+    return "gemm_cat" if linear.usable(rows, conv.weight, conv.bias) else "cat"
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state-dict keys) that runs on :func:`conv_path`'s choice."""
 
@@ -281,6 +314,35 @@ class Conv2d(nn.Conv2d):
         if output_scale != 1.0:
             y = y.div_(output_scale) if inplace else y / output_scale
         return y
+
+    def forward_cat(self, x: torch.Tensor, skip: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(torch.cat([x, skip], 1))`` (then ``+ other``, of the output's shape) on :func:`cat_path`'s
+        choice; channels_last out of "gemm_cat"."""
+        if cat_path(self, x, skip) == "cat":
+            return self.forward_fused(torch.cat([x, skip], dim=1), other)
+        fast_path.note("conv:gemm_cat")
+        n, c1, h, w = x.shape
+        o = self.out_channels
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # channels_last: (N*H*W, C) views
+            return t.permute(0, 2, 3, 1).reshape(n * h * w, t.shape[1])
+
+        def block(lo: int, hi: int):
+            return lambda: self.weight.detach()[:, lo:hi].reshape(o, hi - lo)
+
+        y = linear.packed_linear(
+            self._prepared,
+            ("gemm_cat", 0, c1),
+            (self.weight,),
+            block(0, c1),
+            self.bias,
+            rows(x),
+            None if other is None else rows(other),
+        )
+        y = linear.packed_linear(
+            self._prepared, ("gemm_cat", 1, c1), (self.weight,), block(c1, self.in_channels), None, rows(skip), y
+        )
+        return y.view(n, h, w, o).permute(0, 3, 1, 2)
 
     def _winograd_weights(self, tile: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.bias

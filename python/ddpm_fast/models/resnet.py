@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fast_path, ops
-from .conv import Conv2d
+from .conv import Conv2d, cat_path
 from .embeddings import get_activation
 
 FIR_KERNEL = (1, 3, 3, 1)
+# Up-block resnets on at least this many pixels (N*H*W) skip the concatenation of their input (cat_free).
+CAT_FREE_MIN_PIXELS = 1024
 
 
 def make_group_norm(num_groups: int, num_channels: int, eps: float, where: str) -> nn.GroupNorm:
@@ -224,6 +226,37 @@ def _dropout(layer: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return layer(x) if layer.training and layer.p > 0 else x
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) would see a call of ``module``."""
+    g = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(g, "_global_forward_hooks", None)
+        or getattr(g, "_global_forward_pre_hooks", None)
+    )
+
+
+def cat_free(resnet: "ResnetBlock2D", input_tensor: torch.Tensor, skip: torch.Tensor) -> bool:
+    """Whether ``resnet`` runs on ``cat([input_tensor, skip], 1)`` without the concatenation
+    (:meth:`ResnetBlock2D.forward_cat`): its fused path on the CPU with the native kernels, no resampling, a 1x1
+    shortcut that takes both inputs as two GEMMs (:func:`~ddpm_fast.models.conv.cat_path`), at least
+    ``CAT_FREE_MIN_PIXELS`` pixels (below, the second GEMM costs more than the concatenation it saves), and no hook
+    on the resnet or its shortcut (a hook sees the concatenated input)."""
+    return (
+        resnet.conv_shortcut is not None
+        and resnet.upsample is None
+        and resnet.downsample is None
+        and isinstance(resnet.nonlinearity, nn.SiLU)
+        and input_tensor.shape[0] * input_tensor.shape[2] * input_tensor.shape[3] >= CAT_FREE_MIN_PIXELS
+        and ops.native_available()
+        and fast_path.use_fused(input_tensor, resnet)
+        and cat_path(resnet.conv_shortcut, input_tensor, skip) == "gemm_cat"
+        and not _hooked(resnet)
+        and not _hooked(resnet.conv_shortcut)
+    )
+
+
 # -- residual block ----------------------------------------------------------------------------------
 
 
@@ -363,11 +396,31 @@ class ResnetBlock2D(nn.Module):
         return self._finish(input_tensor, hidden_states)
 
     def _forward_fused(self, input_tensor: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        n1, n2 = self.norm1, self.norm2
+        n1 = self.norm1
         hidden_states = ops.group_norm_silu(input_tensor, n1.num_groups, n1.weight, n1.bias, n1.eps)
         input_tensor, hidden_states = self._resample(input_tensor, hidden_states)
-        hidden_states = self.conv1(hidden_states)
+        hidden_states = self._conv1_norm2(hidden_states, temb)
+        return self._finish_fused(input_tensor, hidden_states)
 
+    def forward_cat(
+        self, input_tensor: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor | TimeProjections | None = None
+    ) -> torch.Tensor:
+        """``self(torch.cat([input_tensor, skip], 1), temb)`` without building the concatenation where
+        :func:`cat_free` allows it (norm1 and the shortcut read both inputs where they are); otherwise exactly that
+        call. An up block's resnet on its skip connection."""
+        if not cat_free(self, input_tensor, skip):
+            return self(torch.cat([input_tensor, skip], dim=1), temb)
+        fast_path.note("resnet:cat_free")
+        n1 = self.norm1
+        hidden_states = ops.group_norm_silu_cat(input_tensor, skip, n1.num_groups, n1.weight, n1.bias, n1.eps)
+        hidden_states = _dropout(self.dropout, self._conv1_norm2(hidden_states, temb))
+        shortcut = self.conv_shortcut.forward_cat(input_tensor, skip)
+        return self.conv2.forward_fused(hidden_states, other=shortcut, output_scale=self.output_scale_factor)
+
+    def _conv1_norm2(self, hidden_states: torch.Tensor, temb: torch.Tensor | TimeProjections | None) -> torch.Tensor:
+        """The fused path's conv1 -> (+ time embedding) -> norm2 -> SiLU."""
+        n2 = self.norm2
+        hidden_states = self.conv1(hidden_states)
         temb = self._time_proj(temb)
         if self.time_embedding_norm == "default":
             hidden_states = ops.group_norm_silu(hidden_states, n2.num_groups, n2.weight, n2.bias, n2.eps, temb=temb)
@@ -377,4 +430,4 @@ class ResnetBlock2D(nn.Module):
             time_scale, time_shift = torch.chunk(temb[:, :, None, None], 2, dim=1)
             hidden_states = self.norm2(hidden_states)
             hidden_states = F.silu(hidden_states * (1 + time_scale) + time_shift)
-        return self._finish_fused(input_tensor, hidden_states)
+        return hidden_states

@@ -427,9 +427,11 @@ def _up_resnet_channels(i: int, num_layers: int, in_channels: int, prev_output_c
     return resnet_in_channels, res_skip_channels
 
 
-def _pop_and_concat(hidden_states: torch.Tensor, res_hidden_states_tuple: tuple):
-    res_hidden_states = res_hidden_states_tuple[-1]
-    return torch.cat([hidden_states, res_hidden_states], dim=1), res_hidden_states_tuple[:-1]
+def _on_skip(resnet: ResnetBlock2D, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple, temb):
+    """``resnet(torch.cat([hidden_states, skip], 1), temb)`` on the last skip connection, and the rest of them
+    (:meth:`ResnetBlock2D.forward_cat` leaves the concatenation out where it can)."""
+    skip = res_hidden_states_tuple[-1]
+    return resnet.forward_cat(hidden_states, skip, temb), res_hidden_states_tuple[:-1]
 
 
 class UpBlock2D(nn.Module):
@@ -483,8 +485,7 @@ class UpBlock2D(nn.Module):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for resnet in self.resnets:
-            hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states, res_hidden_states_tuple = _on_skip(resnet, hidden_states, res_hidden_states_tuple, temb)
         if self.upsamplers is not None:
             for upsampler in self.upsamplers:
                 hidden_states = upsampler(hidden_states, upsample_size)
@@ -541,8 +542,7 @@ class ResnetUpsampleBlock2D(nn.Module):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for resnet in self.resnets:
-            hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states, res_hidden_states_tuple = _on_skip(resnet, hidden_states, res_hidden_states_tuple, temb)
         if self.upsamplers is not None:
             for upsampler in self.upsamplers:
                 hidden_states = upsampler(hidden_states, temb)
@@ -608,8 +608,8 @@ class AttnUpBlock2D(nn.Module):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
-            hidden_states = attn(resnet(hidden_states, temb))
+            hidden_states, res_hidden_states_tuple = _on_skip(resnet, hidden_states, res_hidden_states_tuple, temb)
+            hidden_states = attn(hidden_states)
         if self.upsamplers is not None:
             for upsampler in self.upsamplers:
                 if self.upsample_type == "resnet":
@@ -671,8 +671,7 @@ class SkipUpBlock2D(nn.Module):
         skip_sample: torch.Tensor | None = None,
     ):
         for resnet in self.resnets:
-            hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states, res_hidden_states_tuple = _on_skip(resnet, hidden_states, res_hidden_states_tuple, temb)
         return _skip_upsample(self, hidden_states, temb, skip_sample)
 
 
@@ -732,8 +731,7 @@ class AttnSkipUpBlock2D(nn.Module):
         skip_sample: torch.Tensor | None = None,
     ):
         for resnet in self.resnets:
-            hidden_states, res_hidden_states_tuple = _pop_and_concat(hidden_states, res_hidden_states_tuple)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states, res_hidden_states_tuple = _on_skip(resnet, hidden_states, res_hidden_states_tuple, temb)
         hidden_states = self.attentions[0](hidden_states)
         return _skip_upsample(self, hidden_states, temb, skip_sample)
 
