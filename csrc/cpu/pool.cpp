@@ -3,7 +3,7 @@
 // than twice that is free there. A UNet forward allocates and frees the same large activations every call, so
 // without a pool each call faults every page of them in again (a 256-px forward faulted about a gigabyte;
 // figures in bench/results/). Inference engines keep an arena for this; here the kernels keep theirs: blocks
-// of 1 MiB and up, in size classes (eight per power of two), reused by the next request of the same class.
+// of 4 MiB and up, in size classes (eight per power of two), reused by the next request of the same class.
 //
 // The blocks back torch tensors through torch_from_blob with a deleter (a C shim of torch >= 2.11, looked up
 // at run time so that the library still loads on 2.10, where outputs come from torch's allocator). Freed

@@ -8,8 +8,9 @@
 
 namespace ddpm_fast::cpu {
 
-// Blocks below this size come from torch's allocator: glibc serves them from its heap without page faults.
-constexpr int64_t kPoolMinBytes = int64_t(1) << 20;
+// Blocks below this size come from torch's allocator: glibc serves them from its heap without page faults, and
+// at batch 1 (outputs and per-thread Winograd scratch of 0.5-1.5 MiB) the pool measured slower.
+constexpr int64_t kPoolMinBytes = int64_t(4) << 20;
 
 // A dense CPU tensor like alloc_strided(ref, sizes, strides, dtype) whose storage is a pooled block when it is
 // large, the pool is on and this torch can give a tensor a deleter; otherwise alloc_strided's.

@@ -99,7 +99,7 @@ def _refused(op: str, exc: RuntimeError) -> ArgumentError | None:
 
 
 def cpu_memory_stats() -> dict[str, int]:
-    """Counters of the memory the CPU kernels keep for their large outputs and scratch (blocks of 1 MiB and up,
+    """Counters of the memory the CPU kernels keep for their large outputs and scratch (blocks of 4 MiB and up,
     reused call after call so that a forward does not fault its activations in again every time):
     ``cached_bytes`` (free blocks kept), ``live_bytes`` (blocks in use), ``limit_bytes`` (the most kept free;
     ``DDPM_FAST_CPU_POOL_MB``, default a quarter of physical memory, 0 = off), ``hits`` and ``misses``.
