@@ -102,7 +102,6 @@ def main() -> None:
     else:
         times, outs = _in_process_rounds(args)
     ratios = [off / on for on, off in zip(times["on"], times["off"])]
-    args.child = None
     report = {
         "command": "python bench/ab_paths.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
         "environment": common.environment("cpu"),

@@ -56,8 +56,10 @@ __all__ = [
     "cpu_plans",
     "current",
     "fused_backend",
+    "forward_hooked",
     "fused_step",
     "get_backend",
+    "global_forward_hooks",
     "prepared_weights_allowed",
     "record_paths",
     "set_backend",
@@ -248,6 +250,23 @@ def use_cpu_plan(x: torch.Tensor, module: torch.nn.Module) -> bool:
     The caller has checked :func:`use_fused`; :class:`~ddpm_fast.models.plans.ForwardPlans` checks the rest
     (hooks, submodule modes, parameter changes) on every call."""
     return current().cpu_plans and x.is_cpu and not module.training and prepared_weights_allowed()
+
+
+def global_forward_hooks() -> bool:
+    """Whether a global forward (pre-)hook is registered (``torch.nn.modules.module.register_module_forward_hook``):
+    it sees every module call, so nothing may leave a module call out (a recorded plan, a resnet that skips its
+    input's concatenation)."""
+    g = torch.nn.modules.module
+    return bool(
+        getattr(g, "_global_forward_hooks", None)
+        or getattr(g, "_global_forward_pre_hooks", None)
+        or getattr(g, "_global_forward_hooks_always_called", None)
+    )
+
+
+def forward_hooked(module: torch.nn.Module) -> bool:
+    """Whether a forward hook, ``module``'s own or a global one, would see a call of ``module``."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or global_forward_hooks()
 
 
 def winograd_max_tile() -> int:

@@ -94,6 +94,16 @@ def _refused(op: str, exc: RuntimeError) -> ArgumentError | None:
     return ArgumentError(message[max(at, 0) :].splitlines()[0])
 
 
+def _run_native(op: str, *args):
+    """``torch.ops.ddpm_fast.<op>(*args)``, its argument check's refusal raised as :class:`ArgumentError`."""
+    try:
+        return getattr(torch.ops.ddpm_fast, op).default(*args)
+    except RuntimeError as exc:
+        if (refusal := _refused(op, exc)) is not None:
+            raise refusal from None
+        raise
+
+
 # --------------------------------------------------------------------------------------------------------
 # The CPU kernels' memory pool (csrc/cpu/pool.cpp)
 
@@ -152,12 +162,7 @@ def group_norm_silu(
     Statistics are computed in float32 (stable for ``|mean| >> std``); the output has ``x``'s dtype.
     """
     if _native_covers(x, weight, bias, temb):
-        try:
-            return torch.ops.ddpm_fast.group_norm_silu.default(x, num_groups, weight, bias, eps, temb, silu)
-        except RuntimeError as exc:
-            if (refusal := _refused("group_norm_silu", exc)) is not None:
-                raise refusal from None
-            raise
+        return _run_native("group_norm_silu", x, num_groups, weight, bias, eps, temb, silu)
     return _group_norm_silu_composite(x, num_groups, weight, bias, eps, temb, silu)
 
 
@@ -183,12 +188,7 @@ def group_norm_silu_cat(
     if not isinstance(skip, torch.Tensor):
         raise TypeError(f"skip: expected a torch.Tensor, got {type(skip).__name__}")
     if x.device.type != "cuda" and _native_covers(x, skip, weight, bias):
-        try:
-            return torch.ops.ddpm_fast.group_norm_silu_cat.default(x, skip, num_groups, weight, bias, eps, silu)
-        except RuntimeError as exc:
-            if (refusal := _refused("group_norm_silu_cat", exc)) is not None:
-                raise refusal from None
-            raise
+        return _run_native("group_norm_silu_cat", x, skip, num_groups, weight, bias, eps, silu)
     return group_norm_silu(torch.cat([x, skip], dim=1), num_groups, weight, bias, eps, silu=silu)
 
 
@@ -238,15 +238,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     native kernel is not the fastest choice (see :func:`_attention_native`) the inputs, once checked, go to SDPA.
     """
     if _native_covers(q, k, v):
-        try:
-            if _attention_native(q, k, v):
-                return torch.ops.ddpm_fast.attention.default(q, k, v, scale)
-            # SDPA broadcasts and mixes what the kernel refuses: let the kernel's checks see the inputs first.
-            torch.ops.ddpm_fast.attention.default(q[..., :0, :], k, v, scale)
-        except RuntimeError as exc:
-            if (refusal := _refused("attention", exc)) is not None:
-                raise refusal from None
-            raise
+        if _attention_native(q, k, v):
+            return _run_native("attention", q, k, v, scale)
+        # SDPA broadcasts and mixes what the kernel refuses: let the kernel's checks see the inputs first.
+        _run_native("attention", q[..., :0, :], k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -293,14 +288,9 @@ def scheduler_step(
     a_x, a_e, c0, c1, c2 = _step_coefs(x0_coefs, prev_coefs)
     clip = None if clip_range is None else float(clip_range)
     if _native_covers(sample, model_output, noise):
-        try:
-            return torch.ops.ddpm_fast.scheduler_step.default(
-                model_output, sample, noise, a_x, a_e, c0, c1, c2, float(noise_scale), clip
-            )
-        except RuntimeError as exc:
-            if (refusal := _refused("scheduler_step", exc)) is not None:
-                raise refusal from None
-            raise
+        return _run_native(
+            "scheduler_step", model_output, sample, noise, a_x, a_e, c0, c1, c2, float(noise_scale), clip
+        )
     if noise is not None and noise_scale == 0.0:
         noise = None
     return step_composite(model_output, sample, noise, a_x, a_e, c0, c1, c2, float(noise_scale), clip)
@@ -319,12 +309,7 @@ def scheduler_step_table(
     so a CUDA graph can replay it while the caller advances ``index`` (see :mod:`ddpm_fast.cuda_graphs`)."""
     clip = None if clip_range is None else float(clip_range)
     if _native_covers(sample, model_output, noise):
-        try:
-            return torch.ops.ddpm_fast.scheduler_step_table.default(model_output, sample, noise, coefs, index, clip)
-        except RuntimeError as exc:
-            if (refusal := _refused("scheduler_step_table", exc)) is not None:
-                raise refusal from None
-            raise
+        return _run_native("scheduler_step_table", model_output, sample, noise, coefs, index, clip)
     row = coefs.index_select(0, index.reshape(1))[0]
     a_x, a_e, c0, c1, c2, noise_scale = row.unbind(0)
     if noise is None:
@@ -412,12 +397,7 @@ def conv3x3_winograd(
     times that for F4).
     """
     if x.device.type != "cuda" and _native_covers(x, weight, bias, residual, any_dtype=True):
-        try:
-            return torch.ops.ddpm_fast.conv3x3_winograd.default(x, weight, bias, residual, silu, float(output_scale))
-        except RuntimeError as exc:
-            if (refusal := _refused("conv3x3_winograd", exc)) is not None:
-                raise refusal from None
-            raise
+        return _run_native("conv3x3_winograd", x, weight, bias, residual, silu, float(output_scale))
     return _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale)
 
 

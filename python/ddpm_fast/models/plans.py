@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_globals
 
 from .. import fast_path
 from ..utils.warn import warn_once
@@ -49,15 +48,6 @@ def _meta(t: torch.Tensor | None) -> tuple | None:
     if t is None:
         return None
     return (t.shape, t.stride(), t.dtype, t.device)
-
-
-def _global_hooks() -> bool:
-    g = _module_globals
-    return bool(
-        getattr(g, "_global_forward_hooks", None)
-        or getattr(g, "_global_forward_pre_hooks", None)
-        or getattr(g, "_global_forward_hooks_always_called", None)
-    )
 
 
 def _tensor_versions(tensors) -> list[tuple]:
@@ -100,7 +90,7 @@ class _State:
         return _tensor_versions(self.tensors)
 
     def current(self) -> bool:
-        if _global_hooks():
+        if fast_path.global_forward_hooks():
             return False
         return self._layout() == self.layout and self._versions() == self.versions
 

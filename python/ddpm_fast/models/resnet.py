@@ -226,17 +226,6 @@ def _dropout(layer: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return layer(x) if layer.training and layer.p > 0 else x
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook (the module's own or a global one) would see a call of ``module``."""
-    g = nn.modules.module
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(g, "_global_forward_hooks", None)
-        or getattr(g, "_global_forward_pre_hooks", None)
-    )
-
-
 def cat_free(resnet: "ResnetBlock2D", input_tensor: torch.Tensor, skip: torch.Tensor) -> bool:
     """Whether ``resnet`` runs on ``cat([input_tensor, skip], 1)`` without the concatenation
     (:meth:`ResnetBlock2D.forward_cat`): its fused path on the CPU with the native kernels, no resampling, a 1x1
@@ -252,8 +241,8 @@ def cat_free(resnet: "ResnetBlock2D", input_tensor: torch.Tensor, skip: torch.Te
         and ops.native_available()
         and fast_path.use_fused(input_tensor, resnet)
         and cat_path(resnet.conv_shortcut, input_tensor, skip) == "gemm_cat"
-        and not _hooked(resnet)
-        and not _hooked(resnet.conv_shortcut)
+        and not fast_path.forward_hooked(resnet)
+        and not fast_path.forward_hooked(resnet.conv_shortcut)
     )
 
 
