@@ -373,3 +373,35 @@ def test_bench_forwards_argv(monkeypatch):
     monkeypatch.setattr(bench_main, "main", fake_main)
     assert main(["bench", "kernels", "--quick"]) == 3
     assert seen["argv"] == ["kernels", "--quick"]
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_run_exits_with_mains_status_and_skips_finalization_under_torchrun(torchrun, monkeypatch, capsys):
+    """``run`` (the console script and ``python -m ddpm_fast``) exits with main's status; a torchrun rank leaves
+    through ``os._exit`` after flushing, so no Gloo worker can still be releasing tensors while the interpreter
+    finalizes."""
+    from ddpm_fast import cli
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if torchrun:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli.run([])
+    assert info.value.code == 3
+    assert exits == ([3] if torchrun else [])
+
+
+def test_module_entry_point_exits_with_the_status():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_fast", "sample", "--num-images", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "error" in proc.stderr

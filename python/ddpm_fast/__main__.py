@@ -1,7 +1,5 @@
 """``python -m ddpm_fast``: the same command line as ``ddpm-fast``."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

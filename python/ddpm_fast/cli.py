@@ -497,5 +497,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """The ``ddpm-fast`` console script and ``python -m ddpm_fast``: :func:`main`, then exit with its status.
+
+    A torchrun rank exits without the interpreter's finalization (``os._exit`` after flushing stdout and stderr;
+    the process group is destroyed and every output file closed by then). Gloo's worker thread can still be
+    dropping the last collective's work, whose tensors own Python objects, when the interpreter finalizes; its
+    GIL acquire then aborts the rank ("terminate called without an active exception", pytorch/pytorch#179291),
+    which the resume tests hit about once in ten runs on a loaded 2-core machine."""
+    from .distributed import launched_by_torchrun
+
+    code = main(argv)
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
