@@ -178,11 +178,14 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
                   "; only float32 is supported");
   DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", sizes_str(x.sizes()));
   check_like(op, "weight", weight, "x", x);
-  DDPM_FAST_CHECK(weight.dim() == 3 && (weight.size(0) == 16 || weight.size(0) == 36) && weight.size(1) == x.size(1),
-                  op, ": weight must be the (16 or 36, C_in=", x.size(1),
-                  ", C_out) transform from ddpm_fast.ops.winograd_weight, got shape ",
-                  sizes_str(weight.sizes()));
-  const int64_t O = weight.size(2);
+  const bool planes_ok = weight.dim() >= 1 && (weight.size(0) == 16 || weight.size(0) == 36);
+  const bool panels = weight.dim() == 4 && device == DeviceType::CPU;  // column panels (CPU only)
+  DDPM_FAST_CHECK(planes_ok && ((weight.dim() == 3 && weight.size(1) == x.size(1)) ||
+                                (panels && weight.size(2) == x.size(1) && weight.size(3) == 16)),
+                  op, ": weight must be the (16 or 36, C_in=", x.size(1), ", C_out) transform from ",
+                  "ddpm_fast.ops.winograd_weight (or its (16 or 36, C_out / 16, C_in=", x.size(1),
+                  ", 16) panels on the CPU), got shape ", sizes_str(weight.sizes()));
+  const int64_t O = panels ? 16 * weight.size(1) : weight.size(2);
   if (bias.has_value()) {
     check_like(op, "bias", *bias, "x", x);
     DDPM_FAST_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, "), got ",
@@ -197,6 +200,30 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
   }
   DDPM_FAST_CHECK(std::isfinite(output_scale) && output_scale != 0.0, op,
                   ": output_scale must be finite and nonzero, got ", output_scale);
+}
+
+void check_panel_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        const std::optional<Tensor>& other, DeviceType device) {
+  constexpr const char* op = "panel_linear";
+  check_main(op, "x", x, device);
+  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
+                  "; only float32 is supported");
+  DDPM_FAST_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", sizes_str(x.sizes()));
+  check_like(op, "weight", weight, "x", x);
+  DDPM_FAST_CHECK(weight.dim() == 3 && weight.size(1) == x.size(1) && weight.size(2) == 16, op,
+                  ": weight must be the (N / 16, K=", x.size(1), ", 16) panels from ddpm_fast.ops.panel_weight, got shape ",
+                  sizes_str(weight.sizes()));
+  const int64_t N = 16 * weight.size(0);
+  if (bias.has_value()) {
+    check_like(op, "bias", *bias, "x", x);
+    DDPM_FAST_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, "), got ",
+                    sizes_str(bias->sizes()));
+  }
+  if (other.has_value()) {
+    check_like(op, "other", *other, "x", x);
+    DDPM_FAST_CHECK(other->dim() == 2 && other->size(0) == x.size(0) && other->size(1) == N, op,
+                    ": other must have the output's shape (", x.size(0), ", ", N, "), got ", sizes_str(other->sizes()));
+  }
 }
 
 }  // namespace ddpm_fast

@@ -26,9 +26,13 @@ STABLE_TORCH_LIBRARY(ddpm_fast, m) {
   // 1/sqrt(D). Returns (B, H, L, Dv) (or (B, L, Dv)), contiguous, in q's dtype.
   m.def("attention(Tensor q, Tensor k, Tensor v, float? scale) -> Tensor");
   // 3x3 / stride 1 / padding 1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3), fp32, CPU only; weight is
-  // (16 or 36, C_in, C_out) from ddpm_fast.ops.winograd_weight. y = conv(x) + bias (+ residual), then SiLU,
+  // (16 or 36, C_in, C_out) from ddpm_fast.ops.winograd_weight, or its (16 or 36, C_out / 16, C_in, 16) column
+  // panels (winograd_weight(..., panels=True), for few tiles). y = conv(x) + bias (+ residual), then SiLU,
   // then / output_scale; y is channels_last.
   m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool silu, float output_scale) -> Tensor");
+  // x @ W^T + bias (+ other) for fp32 x (M, K) of few rows, CPU only; weight is W (N, K) as (N / 16, K, 16) column
+  // panels from ddpm_fast.ops.panel_weight, read once front to back. Returns (M, N), contiguous.
+  m.def("panel_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other) -> Tensor");
   // One DDPM/DDIM step, elementwise in fp32: x0 = a_x*sample + a_e*model_output (clamped to +-clip_range when
   // given); prev = c0*x0 + c1*sample + c2*model_output + noise_scale*noise, the noise term skipped when noise
   // is None or noise_scale == 0. Returns (prev, x0), in sample's layout when model_output (and noise, when

@@ -129,9 +129,13 @@ def test_gemm_3x3_conv_matches_float64(case):
             edit()
             outs.append(conv(x))
             refs.append(ref())
-    packed = 5 if n * h * w >= linear_mod.PACKED_LINEAR_MIN_ROWS and linear_mod.packed_linear_supported() else 0
-    assert paths["conv:gemm"] == 5 and paths["prepare:gemm"] == 3 and paths["linear:packed"] == packed
-    assert sum(paths.values()) == 8 + packed
+    rows = n * h * w
+    panel = 5 if rows <= linear_mod.PANEL_MAX_ROWS and linear_mod.panel_supported() and cout % 16 == 0 else 0
+    packed_ok = rows >= linear_mod.PACKED_LINEAR_MIN_ROWS and linear_mod.packed_linear_supported()
+    packed = 5 if not panel and packed_ok else 0
+    assert paths["conv:gemm"] == 5 and paths["prepare:gemm"] == 3
+    assert paths["linear:packed"] == packed and paths["linear:panel"] == panel
+    assert sum(paths.values()) == 8 + packed + panel
     for out, expected in zip(outs, refs):
         assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
         assert err(out, expected) <= 2e-6 * (1 + expected.abs().max().item())
@@ -141,31 +145,41 @@ def test_gemm_3x3_conv_matches_float64(case):
     assert conv_mod.conv_path(conv, more) != "gemm"
 
 
-@pytest.mark.parametrize("rows, k, n", [(16, 256, 768), (37, 19, 5), (1024, 384, 128)])
+@pytest.mark.parametrize("rows, k, n", [(16, 256, 768), (16, 19, 5), (37, 19, 5), (1024, 384, 128)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
-def test_packed_linear_matches_float64_and_follows_the_weight(rows, k, n, bias, residual):
-    """oneDNN's packed linear (the gemm convolutions' and attention's GEMMs): against F.linear in float64 and
-    fp32, odd sizes, with and without bias and residual; an in-place edit of the weight is followed."""
+@pytest.mark.parametrize("panel", [True, False], ids=["panel", "no-panel"])
+def test_packed_linear_matches_float64_and_follows_the_weight(rows, k, n, bias, residual, panel, monkeypatch):
+    """The gemm convolutions' and attention's GEMMs (oneDNN's packed linear; the panel GEMM for few rows where it
+    is supported and the outputs are whole panels): against F.linear in float64 and fp32, odd sizes, with and
+    without bias and residual; an in-place edit of the weight is followed."""
     if not linear_mod.packed_linear_supported():
         pytest.skip("oneDNN packed linear unavailable in this torch build")
+    if panel and not linear_mod.panel_supported():
+        pytest.skip("the panel GEMM is used with the AVX-512 kernels only")
+    if not panel:
+        monkeypatch.setattr(linear_mod, "panel_supported", lambda: False)
+    expected = "linear:panel" if panel and rows <= linear_mod.PANEL_MAX_ROWS and n % 16 == 0 else "linear:packed"
     gen = torch.Generator().manual_seed(helpers.seed_of(rows, k, n, bias, residual))
     layer = torch.nn.Linear(k, n, bias=bias)
     x, other = torch.randn(rows, k, generator=gen), torch.randn(rows, n, generator=gen)
     cache = prepared.PreparedCache()
     for step in range(2):
-        with torch.no_grad():
+        with torch.no_grad(), fast_path.record_paths() as paths:
             assert linear_mod.usable(x, layer.weight, layer.bias)
             y = linear_mod.packed_linear(
                 cache, ("t",), (layer.weight,), lambda: layer.weight, layer.bias, x, other if residual else None
             )
+        assert paths[expected] == 1, paths
+        with torch.no_grad():
             ref64 = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
             ref32 = F.linear(x, layer.weight, layer.bias)
             if residual:
                 ref64, ref32 = ref64 + other.double(), ref32 + other
             helpers.assert_close_rule(y, ref32, ref64, torch.float32, f"packed linear step {step}", relative=True)
             layer.weight.mul_(-0.5)
-    assert len(cache) == 1  # one row count: one packed copy, rebuilt after the edit
+    # one row count: one packed copy, rebuilt after the edit (a weight that is not whole panels is kept as None)
+    assert len(cache) == (2 if expected == "linear:packed" and panel and rows <= linear_mod.PANEL_MAX_ROWS else 1)
     assert not linear_mod.usable(x.bfloat16(), layer.weight.bfloat16())
     assert not linear_mod.usable(x[: linear_mod.PACKED_LINEAR_MIN_ROWS - 1], layer.weight)
 
@@ -418,6 +432,9 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:gemm"] == 13 + 14
     assert stats["conv:packed"] == 65 - 27 - 1 - winograd and stats["conv:winograd4"] == (11 if winograd else 0)
     assert stats["conv:taps"] == 1
+    # the 11 F(2x2) ones at 8x8 (16 tiles: WINOGRAD_PANELS_MAX_TILES) take their weight as column panels
+    assert conv_mod.WINOGRAD_PANELS_MAX_TILES == 16
+    assert stats["winograd:panels"] == (11 if winograd and linear_mod.panel_supported() else 0)
     assert stats["conv:plain"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]

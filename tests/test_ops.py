@@ -682,6 +682,12 @@ w = torch.randn(11, 24, 3, 3) / 15
 ref = F.conv2d(x.double(), w.double(), padding=1)
 assert (ops.conv3x3_winograd(x, ops.winograd_weight(w)).double() - ref).abs().max() < 1e-5
 assert (ops.conv3x3_winograd(x, ops.winograd_weight(w, 4)).double() - ref).abs().max() < 3e-5
+w = torch.randn(32, 24, 3, 3) / 15
+ref = F.conv2d(x.double(), w.double(), padding=1)
+assert (ops.conv3x3_winograd(x, ops.winograd_weight(w, panels=True)).double() - ref).abs().max() < 1e-5
+a, wl, b = torch.randn(19, 37, generator=g), torch.randn(48, 37, generator=g), torch.randn(48, generator=g)
+ref = F.linear(a.double(), wl.double(), b.double())
+assert (ops.panel_linear(a, ops.panel_weight(wl), b).double() - ref).abs().max() < 1e-5
 print(_native.cpu_isa() if _native.available() else "composite")
 """
 
@@ -944,3 +950,147 @@ def test_conv3x3_winograd_unknown_schedule_is_an_error():
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "DDPM_FAST_WINOGRAD_SCHEDULE must be auto, pipeline" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- panel GEMM
+
+# (M, K, N): the 4x4 level at batch 1 (16 rows, 9 x 256 inputs), one row, odd row and input counts (register
+# blocks of 16 / 6 rows plus tails), one panel, no inputs.
+PANEL_SHAPES = [(16, 2304, 256), (1, 5, 16), (37, 19, 48), (17, 300, 32), (6, 1, 64), (3, 0, 16)]
+
+
+def _panel_case(shape, seed):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / max(k, 1) ** 0.5
+    return x, w, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+
+
+@native
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", ["contiguous", "strided"])
+def test_panel_linear_matches_float64_and_linear(shape, fmt):
+    """x @ w.T + bias (+ other) on the panel weight against F.linear in float64 (and fp32 F.linear's own error),
+    with and without bias and other, rows in place or strided (a column slice of a wider tensor, a transposed
+    view that the op copies), and the composite."""
+    x, w, b, other = _panel_case(shape, seed_of(shape, fmt))
+    if fmt == "strided":
+        m, k = x.shape
+        x = torch.cat([x, torch.randn(m, 3)], 1)[:, :k]  # unit column stride, row stride k + 3
+        other = other.t().contiguous().t()  # column stride m: copied by the op
+    u = ops.panel_weight(w)
+    assert u.shape == (w.shape[0] // 16, w.shape[1], 16) and u.is_contiguous()
+    for bias, oth in ((None, None), (b, None), (b, other), (None, other)):
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        same = F.linear(x, w, bias)
+        if oth is not None:
+            ref, same = ref + oth.double(), same + oth
+        with torch.inference_mode():
+            out = ops.panel_linear(x, u, bias, oth)
+        composite = ops._panel_linear_composite(x, u, bias, oth)
+        assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+        _assert_close_rule(out, same, ref, torch.float32, f"bias={bias is not None} other={oth is not None}")
+        _assert_close_rule(composite, same, ref, torch.float32, "composite")
+
+
+@native
+def test_panel_linear_opcheck_compile_and_bad_inputs():
+    x, w, b, other = _panel_case((7, 13, 32), 11)
+    u = ops.panel_weight(w)
+    op = torch.ops.ddpm_fast.panel_linear.default
+    for args in ((x, u, b, other), (x, u, None, None), (x[:, :13], u, b, None)):
+        torch.library.opcheck(op, args)
+    torch._dynamo.reset()
+    fn = lambda x, o: ops.panel_linear(x, u, b, o) * 2  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, other), fn(x, other))
+    cases = [
+        (lambda: op(x, u[:, :5], None, None), RuntimeError, "weight must be"),
+        (lambda: ops.panel_linear(x, u[..., :8]), ValueError, "panel_weight"),
+        (lambda: ops.panel_linear(x, u.reshape(-1, 16)), ValueError, "weight must be"),
+        (lambda: ops.panel_linear(x[None], u), ValueError, "2-D"),
+        (lambda: ops.panel_linear(x.double(), u), ValueError, "float32"),
+        (lambda: ops.panel_linear(x.bfloat16(), u.bfloat16()), ValueError, "float32"),
+        (lambda: op(x, u.double(), None, None), RuntimeError, "weight has dtype"),
+        (lambda: ops.panel_linear(x, u, b[:16]), ValueError, "bias must have shape"),
+        (lambda: ops.panel_linear(x, u, None, other[:3]), ValueError, "other must have"),
+        (lambda: ops.panel_linear(x, u, None, other.int()), ValueError, "other"),
+        (lambda: ops.panel_weight(torch.randn(20, 4)), ValueError, "multiple of 16"),
+        (lambda: ops.panel_weight(torch.randn(16, 4, 1)), ValueError, "multiple of 16"),
+        (lambda: ops.panel_weight(torch.ones(16, 4, dtype=torch.int64)), TypeError, "floating-point"),
+    ]
+    for fn_, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            fn_()
+    with pytest.raises(ValueError, match="device"):
+        ops.panel_linear(x, u, torch.randn(32, device="meta"))
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_panel_linear_threads_split_the_panels(threads):
+    """Any thread count (panels split into contiguous ranges, some threads without a panel) gives the same result
+    as one thread, bit for bit: each output column is computed by one thread in one order."""
+    x, w, b, other = _panel_case((16, 100, 80), 3)  # 5 panels
+    u = ops.panel_weight(w)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.panel_linear(x, u, b, other)
+        torch.set_num_threads(threads)
+        assert torch.equal(ops.panel_linear(x, u, b, other), one)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@native
+@pytest.mark.parametrize("tile", [2, 4], ids=["F2", "F4"])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 256, 256, 8, 8), (2, 13, 48, 7, 5), (1, 64, 16, 1, 1), (3, 40, 32, 9, 6)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_conv3x3_winograd_panels_match_float64(shape, fmt, tile):
+    """The Winograd op on the column-panel weight (winograd_weight(panels=True): the 8x8 level at batch 1) against
+    F.conv2d in float64 with test_conv3x3_winograd_matches_float64_conv's bounds, and the composite on it."""
+    x, w, b, r = _wino_case(shape, seed_of(shape, fmt, tile, "panels"))
+    x = _layout(x, fmt)
+    u = ops.winograd_weight(w, tile, panels=True)
+    p = (tile + 2) ** 2
+    assert u.shape == (p, w.shape[0] // 16, w.shape[1], 16)
+    unpacked = u.permute(0, 2, 1, 3).reshape(p, w.shape[1], -1)
+    torch.testing.assert_close(unpacked, ops.winograd_weight(w, tile), rtol=0, atol=0)
+    for bias, res, silu, scale in ((None, None, False, 1.0), (b, r, True, 2.0)):
+        ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
+        direct = F.conv2d(x, w, bias, padding=1)
+        if res is not None:
+            ref, direct = ref + res.double(), direct + res
+        if silu:
+            ref, direct = F.silu(ref), F.silu(direct)
+        ref, direct = ref / scale, direct / scale
+        with torch.inference_mode():
+            out = ops.conv3x3_winograd(x, u, bias, residual=res, silu=silu, output_scale=scale)
+        composite = ops._conv3x3_winograd_composite(x, u, bias, res, silu, scale)
+        peak = ref.abs().max().item()
+        bound = 2 * _err(direct, ref) + 2.5e-6 * peak if tile == 2 else 4 * _err(direct, ref) + 4e-5 * peak
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert _err(out, ref) <= bound and _err(composite, ref) <= bound, (_err(out, ref), _err(composite, ref), bound)
+
+
+@native
+def test_conv3x3_winograd_panels_opcheck_and_bad_inputs():
+    x, w, b, r = _wino_case((2, 16, 32, 5, 7), 4)
+    u = ops.winograd_weight(w, panels=True)
+    op = torch.ops.ddpm_fast.conv3x3_winograd.default
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(op, (xx, u, b, r, True, 2.0))
+    cases = [
+        (lambda: op(x, u[..., :8], None, None, False, 1.0), RuntimeError, "weight must be"),
+        (lambda: op(x, u[:, :, :5], None, None, False, 1.0), RuntimeError, "weight must be"),
+        (lambda: op(x, u, b[:16], None, False, 1.0), RuntimeError, r"bias must have shape \(32\)"),
+        (lambda: op(x, u, None, r[:, :16], False, 1.0), RuntimeError, "residual"),
+        (lambda: ops.winograd_weight(torch.randn(24, 16, 3, 3), panels=True), ValueError, "multiple of 16"),
+    ]
+    for fn_, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            fn_()

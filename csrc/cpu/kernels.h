@@ -47,6 +47,10 @@ struct Kernels {
   void (*winograd_output)(const float* M, int64_t ldm, int64_t ldr, float* y, const float* bias,
                           const float* residual, int64_t H, int64_t W, int64_t O, int64_t oc, int64_t tiles_h,
                           int64_t tiles_w, int64_t t0, int64_t t1, bool silu, float inv_scale, int tile);
+  // C[r * ldc + j] = sum_k A[r * lda + k] * W[j][k] (+ bias[j]) (+ R[r * ldr + j]) for rows r < M and the
+  // columns j of panels [p0, p1), W packed as (N / 16, K, 16) column panels (bias / R nullable).
+  void (*panel_gemm)(const float* A, int64_t lda, const float* Wp, int64_t K, float* C, int64_t ldc,
+                     const float* bias, const float* R, int64_t ldr, int64_t M, int64_t p0, int64_t p1);
 };
 
 #define DDPM_FAST_DECLARE_ISA(NS) \

@@ -4,7 +4,7 @@
 // 4x (F4) fewer multiplies than the direct convolution, which at batch 1 is what bounds the UNet on a CPU;
 // fp32 only.
 //
-// Three schedules, chosen per call from the size of the transformed weight U (planes x C x O floats), the tile
+// Four schedules, three chosen per call from the size of the transformed weight U (planes x C x O floats), the tile
 // count T and the thread count (measured on a 2-core Xeon with AVX-512, 2 MB L2 per core; see csrc/README.md):
 //   pipeline, our GEMM (AVX512 builds; U <= 3 MB and O >= 32): one item per thread, a range of tiles each, run
 //     in blocks of nb tiles: input transform -> the planes' GEMMs (the kernel table's register-blocked GEMM,
@@ -19,8 +19,13 @@
 //   batched (everything else, and every call of the DEFAULT build when there are few tiles): per block of
 //     128 / 256 tiles, input transform (parallel_for), one torch bmm over all planes with all threads (each
 //     reads its share of U, which is what bounds large-U layers at batch 1), output transform (parallel_for).
-// DDPM_FAST_WINOGRAD_SCHEDULE=auto|pipeline|pipeline_torch|batched (read once; for tests) forces one; pipeline
-// falls back to pipeline_torch in builds without our GEMM.
+//   panels (the weight given as (planes, C_out / 16, C_in, 16) column panels, ddpm_fast.ops.winograd_weight's
+//     panels=True; the caller picks it for few tiles): input transform (parallel_for), the planes' GEMMs as
+//     the panel GEMM over contiguous ranges of (plane, panel) pairs, so that the threads read the weight once,
+//     front to back, between them (kernels/panel_gemm_kernel.cpp), output transform (parallel_for). With few
+//     tiles a GEMM is bound by the weight coming from memory, which the other schedules read in a strided order.
+// DDPM_FAST_WINOGRAD_SCHEDULE=auto|pipeline|pipeline_torch|batched (read once; for tests) forces one of the
+// first three for (planes, C_in, C_out) weights; pipeline falls back to pipeline_torch in builds without our GEMM.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -150,12 +155,37 @@ void run_batched(const Kernels& k, const Geometry& g, int64_t T) {
   }
 }
 
+// Few tiles, the weight in column panels (planes, O / 16, C, 16): every stage over all threads, the GEMMs split
+// by (plane, panel) pair.
+void run_panels(const Kernels& k, const Geometry& g, int64_t T) {
+  const int64_t P = g.planes, C = g.C, O = g.O, np = O / 16;
+  const PoolScratch mem(4 * P * T * (C + O));
+  float* V = mem.floats();
+  float* M = V + P * T * C;
+  parallel_for(0, T, std::max<int64_t>(1, 2048 / C), [&](int64_t t0, int64_t t1) {
+    k.winograd_input(g.x, V + t0 * C, g.H, g.W, C, g.th, g.tw, t0, t1, T * C, g.tile);
+  });
+  parallel_for(0, P * np, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {
+      const int64_t plane = i / np, p0 = i % np, p1 = std::min(np, p0 + (i1 - i));
+      k.panel_gemm(V + plane * T * C, C, g.u + plane * O * C, C, M + plane * T * O, O, nullptr, nullptr, 0, T, p0, p1);
+      i += p1 - p0;
+    }
+  });
+  parallel_for(0, T, std::max<int64_t>(1, 2048 / O), [&](int64_t t0, int64_t t1) {
+    k.winograd_output(M + t0 * O, T * O, O, g.y, g.bias, g.residual, g.H, g.W, O, O, g.th, g.tw, t0, t1, g.silu,
+                      g.inv_scale, g.tile);
+  });
+}
+
 }  // namespace
 
 static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
                                    const std::optional<Tensor>& residual, bool silu, double output_scale) {
   check_conv3x3_winograd(x_in, weight, bias, residual, output_scale, DeviceType::CPU);
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), O = weight.size(2);
+  const bool panels = weight.dim() == 4;  // (planes, O / 16, C, 16) column panels
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t O = panels ? 16 * weight.size(1) : weight.size(2);
   auto channels_last = [](const Tensor& t) {
     return is_channels_last_contiguous(t) ? t : torch::stable::contiguous(t, MemoryFormat::ChannelsLast);
   };
@@ -186,6 +216,10 @@ static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, con
   const Geometry g{static_cast<const float*>(x.const_data_ptr()), &w, static_cast<const float*>(w.const_data_ptr()),
                    py, pb, pr, H, W, C, O, th, tw, tile, planes, silu, inv_scale};
   const auto& k = kernels();
+  if (panels) {
+    run_panels(k, g, T);
+    return y;
+  }
   const int64_t u_bytes = int64_t(planes) * C * O * 4, nt = std::max<int64_t>(1, num_threads());
   // Per-thread block budgets: 3/4 of L2 for our GEMM (V and M stay there); 3 x L2 for torch's (fewer blocks, so U is
   // read less often), at most 16 MiB a thread.

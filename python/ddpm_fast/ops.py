@@ -26,6 +26,8 @@ __all__ = [
     "group_norm_silu",
     "group_norm_silu_cat",
     "native_available",
+    "panel_linear",
+    "panel_weight",
     "scheduler_step",
     "scheduler_step_table",
     "set_cpu_cache_limit",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Columns per panel of panel_weight / winograd_weight(panels=True) (csrc/cpu/kernels/panel_gemm_kernel.cpp).
+PANEL = 16
 # Below this many keys the CPU kernel's two GEMM calls per (batch, head, query block) cost more than they save
 # and PyTorch's SDPA is as fast or faster (measured: bench/results/*/kernels*.json).
 CPU_ATTENTION_MIN_KEYS = 128
@@ -355,13 +359,17 @@ _WINOGRAD = {
 _WINOGRAD_TILE = {16: 2, 36: 4}  # first dimension of a transformed weight -> output tile size
 
 
-def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
+def winograd_weight(weight: torch.Tensor, tile: int = 2, *, panels: bool = False) -> torch.Tensor:
     """The ``((tile + 2)**2, C_in, C_out)`` float32 transform ``G g G^T`` of a ``(C_out, C_in, 3, 3)`` convolution
     weight, computed in float64, as :func:`conv3x3_winograd` takes it (prepare it once per weight).
 
     ``tile=2`` gives F(2x2, 3x3) (16 planes); ``tile=4`` gives F(4x4, 3x3) (36 planes, 4x fewer multiplies
     than the direct convolution instead of 2.25x; its larger transform coefficients round worse, up to about
-    6e-6 of the output's largest value)."""
+    6e-6 of the output's largest value).
+
+    ``panels=True`` returns the same numbers as ``(planes, C_out / 16, C_in, 16)`` column panels (C_out a multiple
+    of 16; CPU), which the kernel reads once front to back, split between its threads: faster where there are
+    few tiles (the 8x8 level at batch 1), whose GEMMs wait on the weight coming from memory."""
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
@@ -369,8 +377,13 @@ def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
     if tile not in _WINOGRAD:
         raise ValueError(f"tile must be 2 or 4, got {tile!r}")
     g = torch.tensor(_WINOGRAD[tile][1], dtype=torch.float64, device=weight.device)
+    if panels and weight.shape[0] % PANEL:
+        raise ValueError(f"panels=True needs C_out a multiple of {PANEL}, got weight shape {tuple(weight.shape)}")
     u = torch.einsum("ia,ocab,jb->ijco", g, weight.detach().to(torch.float64), g)
-    return u.reshape((tile + 2) ** 2, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+    u = u.reshape((tile + 2) ** 2, weight.shape[1], weight.shape[0]).to(torch.float32)
+    if panels:
+        return u.reshape(u.shape[0], u.shape[1], -1, PANEL).permute(0, 2, 1, 3).contiguous()
+    return u.contiguous()
 
 
 def conv3x3_winograd(
@@ -387,8 +400,8 @@ def conv3x3_winograd(
 
     Args:
         x: ``(N, C_in, H, W)`` float32, any memory format (channels_last avoids a copy).
-        weight: ``winograd_weight(w, tile)`` of the ``(C_out, C_in, 3, 3)`` weight ``w``; its first dimension
-            (16 or 36) selects F(2x2, 3x3) or F(4x4, 3x3).
+        weight: ``winograd_weight(w, tile)`` of the ``(C_out, C_in, 3, 3)`` weight ``w`` (or its ``panels=True``
+            form); its first dimension (16 or 36) selects F(2x2, 3x3) or F(4x4, 3x3).
         bias: optional ``(C_out,)``.
         residual: optional ``(N, C_out, H, W)`` added before the SiLU.
 
@@ -403,6 +416,8 @@ def conv3x3_winograd(
 
 def _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale):
     """The same algorithm in PyTorch ops (any device, autograd): the reference the kernel is tested against."""
+    if weight.dim() == 4:  # column panels back to (planes, C_in, C_out)
+        weight = weight.permute(0, 2, 1, 3).reshape(weight.shape[0], weight.shape[2], -1)
     n, c, h, w = x.shape
     tile = _WINOGRAD_TILE[weight.shape[0]]
     p = tile + 2
@@ -423,6 +438,42 @@ def _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale):
     if output_scale != 1.0:
         y = y / output_scale
     return y.contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------------------
+# GEMMs of few rows against a weight read once as column panels (PANEL columns each)
+
+
+def panel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(N / 16, K, 16)`` float32 column panels of an ``(N, K)`` linear weight, as :func:`panel_linear` takes
+    it (prepare it once per weight): panel ``p`` holds columns ``16p .. 16p + 15`` of ``weight.T``, row by row.
+    N must be a multiple of 16."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[0] % PANEL:
+        raise ValueError(f"weight must be (N, K) with N a multiple of {PANEL}, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    return weight.detach().to(torch.float32).reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+def panel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, other: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ w.T + bias (+ other)`` for ``weight = panel_weight(w)``, one call: ``x`` is ``(M, K)`` float32 (rows
+    may be strided), ``bias`` ``(N,)``, ``other`` ``(M, N)``; returns a contiguous ``(M, N)`` float32 tensor.
+
+    Meant for few rows (the UNet's deepest levels at batch 1): the kernel reads the weight once, front to back,
+    prefetching ahead, where a general GEMM waits on memory; with many rows a blocked GEMM is faster."""
+    if x.device.type == "cpu" and _native_covers(x, weight, bias, other, any_dtype=True):
+        return _run_native("panel_linear", x, weight, bias, other)
+    return _panel_linear_composite(x, weight, bias, other)
+
+
+def _panel_linear_composite(x, weight, bias, other):
+    """The same product in PyTorch ops (any device, autograd)."""
+    w = weight.transpose(1, 2).reshape(weight.shape[0] * weight.shape[2], weight.shape[1])  # back to (N, K)
+    y = F.linear(x, w, bias)
+    return y if other is None else y + other
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -476,9 +527,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ddpm_fast::conv3x3_winograd")
     def _(x, weight, bias, residual, silu, output_scale):
         _same_device("conv3x3_winograd", "x", x, weight=weight, bias=bias, residual=residual)
-        return x.new_empty((x.shape[0], weight.shape[2], x.shape[2], x.shape[3])).contiguous(
-            memory_format=torch.channels_last
-        )
+        out = weight.shape[1] * weight.shape[3] if weight.dim() == 4 else weight.shape[2]
+        return x.new_empty((x.shape[0], out, x.shape[2], x.shape[3])).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("ddpm_fast::panel_linear")
+    def _(x, weight, bias, other):
+        _same_device("panel_linear", "x", x, weight=weight, bias=bias, other=other)
+        return x.new_empty((x.shape[0], weight.shape[0] * weight.shape[2]))
 
     @torch.library.register_fake("ddpm_fast::scheduler_step")
     def _(model_output, sample, noise, a_x, a_e, c0, c1, c2, noise_scale, clip_range):

@@ -280,6 +280,8 @@ void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64
 void winograd_output_kernel(const float* M, int64_t ldm, int64_t ldr, float* y, const float* bias,
                             const float* residual, int64_t H, int64_t W, int64_t O, int64_t oc, int64_t tiles_h,
                             int64_t tiles_w, int64_t t0, int64_t t1, bool silu, float inv_scale, int tile);
+void panel_gemm_kernel(const float* A, int64_t lda, const float* Wp, int64_t K, float* C, int64_t ldc,
+                       const float* bias, const float* R, int64_t ldr, int64_t M, int64_t p0, int64_t p1);
 #if defined(CPU_CAPABILITY_AVX512)
 void winograd_gemm_kernel(const float* V, int64_t ldv, int64_t C, const float* U, int64_t ldu, int64_t O,
                           float* M, int64_t ldm, int64_t ldr, int64_t rows, int64_t oc, int planes);

@@ -5,7 +5,7 @@ picks one of
 
 * ``"winograd4"`` / ``"winograd2"``: fp32 3x3 stride-1 CPU convolutions with enough channels and output tiles, as
   Winograd F(4x4, 3x3) / F(2x2, 3x3) (:func:`ddpm_fast.ops.conv3x3_winograd`, 4x / 2.25x fewer multiplies) on
-  the weight transformed once;
+  the weight transformed once (as column panels for few tiles: ``WINOGRAD_PANELS_MAX_TILES``);
 * ``"gemm"``: 1x1 and fp32 3x3 stride-1 CPU convolutions on few pixels (the shortcuts at batch 1, the 4x4 level at
   batch 1 and 2): on channels_last activations a 1x1 convolution is one GEMM, ``(N*H*W, C) @ W^T``, and a 3x3 one
   is the same GEMM over the 9 shifted copies of the input (im2col, ``(N*H*W, 9C) @ (9C, O)``, the weight reordered
@@ -56,6 +56,7 @@ __all__ = [
     "mkldnn_conv_supported",
     "WINOGRAD_MIN_CHANNELS",
     "WINOGRAD_MIN_TILES",
+    "WINOGRAD_PANELS_MAX_TILES",
     "GEMM_1X1_MAX_PIXELS",
     "GEMM_3X3_MAX_PIXELS",
     "TAPS_MAX_OUT_CHANNELS",
@@ -68,6 +69,10 @@ WINOGRAD_MIN_CHANNELS = 64
 # too thin and the transformed weight (16/9 or 36/9 the size of the original) makes them weight-bandwidth bound.
 # F(4x4) when it has that many 4x4 tiles, else F(2x2) when it has that many 2x2 tiles, else oneDNN.
 WINOGRAD_MIN_TILES = {4: 64, 2: 4}
+# With at most this many tiles (the 8x8 level at batch 1) and the AVX-512 kernels, the transformed weight goes to
+# the kernel as column panels (ops.winograd_weight(panels=True)), which its threads read once between them, front
+# to back: there the GEMMs wait on the weight. At 32 tiles the panels were even with the other schedules.
+WINOGRAD_PANELS_MAX_TILES = 16
 # 1x1 convolutions with at most this many output pixels (N*H*W) run as one GEMM ("gemm"); above, oneDNN's
 # blocked kernels are faster.
 GEMM_1X1_MAX_PIXELS = 1024
@@ -160,11 +165,23 @@ def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor) -> int:
         and ops.native_available()
     ):
         return 0
-    n, _, h, w = x.shape
     for tile in (4, 2):
-        if tile <= max_tile and n * -(-h // tile) * -(-w // tile) >= WINOGRAD_MIN_TILES[tile]:
+        if tile <= max_tile and _tiles(x, tile) >= WINOGRAD_MIN_TILES[tile]:
             return tile
     return 0
+
+
+def _tiles(x: torch.Tensor, tile: int) -> int:
+    n, _, h, w = x.shape
+    return n * -(-h // tile) * -(-w // tile)
+
+
+def _winograd_panels(conv: nn.Conv2d, x: torch.Tensor, tile: int) -> bool:
+    """Whether ``conv(x)``'s Winograd weight goes to the kernel as column panels (few tiles: see
+    ops.winograd_weight)."""
+    return (
+        _tiles(x, tile) <= WINOGRAD_PANELS_MAX_TILES and conv.out_channels % ops.PANEL == 0 and linear.panel_supported()
+    )
 
 
 def _gemm(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -288,7 +305,12 @@ class Conv2d(nn.Conv2d):
             fast_path.note(f"conv:{path}")
         if path.startswith("winograd"):
             tile = int(path[-1])
-            u, b = self._prepared.get((path,), (self.weight, self.bias), lambda: self._winograd_weights(tile))
+            panels = _winograd_panels(self, x, tile)
+            if panels:
+                fast_path.note("winograd:panels")
+            u, b = self._prepared.get(
+                (path, panels), (self.weight, self.bias), lambda: self._winograd_weights(tile, panels)
+            )
             return ops.conv3x3_winograd(x, u, b, residual=other, silu=silu, output_scale=output_scale)
         if path == "packed":
             y = self._packed(x, other, silu)
@@ -344,9 +366,10 @@ class Conv2d(nn.Conv2d):
         )
         return y.view(n, h, w, o).permute(0, 3, 1, 2)
 
-    def _winograd_weights(self, tile: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _winograd_weights(self, tile: int, panels: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.bias
-        return ops.winograd_weight(self.weight, tile), None if b is None else b.detach().float().contiguous()
+        u = ops.winograd_weight(self.weight, tile, panels=panels)
+        return u, None if b is None else b.detach().float().contiguous()
 
     def _gemm(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         """1x1 or 3x3 convolution of channels_last ``x`` as one GEMM of its (im2col) rows, ``(N*H*W, K) @ (K, O)``,

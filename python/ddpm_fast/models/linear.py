@@ -6,6 +6,11 @@ the weight on every call; at the UNet's GEMM shapes the packed op was as fast or
 
 Used by the convolutions that are one GEMM (``Conv2d``'s "gemm" path) and by attention's projections. The op
 is internal to PyTorch: it is probed once against ``F.linear``; where the probe fails, callers keep ``addmm``.
+
+Up to ``PANEL_MAX_ROWS`` rows (the 4x4 level at batch 1) the product instead runs on ddpm_fast's
+:func:`~ddpm_fast.ops.panel_linear`, which reads a weight prepared once as column panels front to back: there
+the GEMM waits on the weight coming from memory, and oneDNN's blocked walk over it streamed at about half the
+rate (bench/results/). Used where the AVX-512 kernels run (the build measured; its AVX2 kernel is not).
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import fast_path
+from .. import _native, fast_path, ops
 from .prepared import PreparedCache, trackable
 
-__all__ = ["packed_linear", "packed_linear_supported", "PACKED_LINEAR_MIN_ROWS"]
+__all__ = ["packed_linear", "packed_linear_supported", "panel_supported", "PACKED_LINEAR_MIN_ROWS", "PANEL_MAX_ROWS"]
 
 # Below this many rows (the time embedding's batch-size GEMMs) the packed op was slower than addmm.
 PACKED_LINEAR_MIN_ROWS = 16
+# Up to this many rows the panel GEMM beat oneDNN's packed one at every UNet shape; at 32 rows it won at some and
+# lost at others, at 64 they were even.
+PANEL_MAX_ROWS = 16
 
 _SUPPORTED: bool | None = None
 _LOCK = threading.Lock()
@@ -62,6 +70,17 @@ def packed_linear_supported() -> bool:
     return _SUPPORTED
 
 
+def panel_supported() -> bool:
+    """Whether GEMMs of few rows go to :func:`~ddpm_fast.ops.panel_linear`: the native kernels loaded, in their
+    AVX-512 build."""
+    return _native.cpu_isa() == "AVX512"
+
+
+def _panels(weight: torch.Tensor) -> torch.Tensor | None:
+    """The panel copy of an (out, in) weight, None when ``out`` is not a whole number of panels."""
+    return ops.panel_weight(weight) if weight.shape[0] % ops.PANEL == 0 else None
+
+
 def usable(rows: torch.Tensor, *sources: torch.Tensor | None) -> bool:
     """Whether ``packed_linear`` takes ``rows`` with a weight made from ``sources``: fp32 CPU rows, at least
     PACKED_LINEAR_MIN_ROWS of them, weights that may be prepared (:mod:`~ddpm_fast.models.prepared`)."""
@@ -87,9 +106,15 @@ def packed_linear(
     other: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rows @ weight().T + bias (+ other)`` for ``usable(rows)``: ``weight()`` builds the (out, in) matrix from
-    ``sources`` (the parameters it depends on), packed once per row count into ``cache`` under ``key``."""
-    fast_path.note("linear:packed")
+    ``sources`` (the parameters it depends on), packed once (per row count for oneDNN) into ``cache`` under
+    ``key``."""
     m = rows.shape[0]
+    if m <= PANEL_MAX_ROWS and panel_supported():
+        panels = cache.get((*key, "panel"), sources, lambda: _panels(weight().detach()))
+        if panels is not None:
+            fast_path.note("linear:panel")
+            return ops.panel_linear(rows, panels, bias, other)
+    fast_path.note("linear:packed")
     packed = cache.get(
         (*key, "packed_linear", m),
         sources,
