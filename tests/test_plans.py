@@ -15,6 +15,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import fast_path
+from ddpm_fast.models.conv import Conv2d
 from helpers import TINY, seed_of
 
 pytestmark = pytest.mark.usefixtures("fused_backend")
@@ -259,9 +260,11 @@ def test_pipeline_steps_replay_one_plan():
     assert torch.equal(images.images, eager.images)
 
 
-def test_recording_under_inference_mode_keeps_the_eager_ops():
+def test_recording_under_inference_mode_keeps_the_eager_ops(monkeypatch):
     """Recorded inside inference mode, make_fx would take other decompositions (nearest upsampling as an index
-    op); the plan records outside it, so its graph holds the ops the eager forward runs."""
+    op); the plan records outside it, so its graph holds the ops the eager forward runs. (The upsamplers'
+    convolutions are kept from reading through the upsampling, so that the forward interpolates.)"""
+    monkeypatch.setattr(Conv2d, "upsampled_path", lambda self, x: None)
     model = _model()
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
