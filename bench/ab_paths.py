@@ -6,16 +6,14 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice panel --batch 1 --rounds 21
     python bench/ab_paths.py --choice taps --batch 1 --rounds 21
     python bench/ab_paths.py --choice cat_free --batch 16 --rounds 11
-    python bench/ab_paths.py --choice upsample --batch 16 --rounds 11
     python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
 oneDNN's packed linear and the batched Winograd schedule), ``taps`` (conv_out as one GEMM against its nine taps,
 off: packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of their skip connection, off:
-``torch.cat``), ``upsample`` (the up blocks' upsampling read by the next Winograd convolution, off:
-``F.interpolate`` first), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's
-allocator). The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
+``torch.cat``), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's allocator).
+The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
 processes (``DDPM_FAST_CPU_POOL_MB=0`` for off), each timing ``--calls`` forwards after three untimed ones, a
 round's time being their median.
 """
@@ -41,7 +39,6 @@ PREDICATES = {
     "panel": (linear, "panel_supported"),
     "taps": (conv, "_taps"),
     "cat_free": (resnet, "cat_free"),
-    "upsample": (conv.Conv2d, "upsampled_path"),
 }
 CHOICES = [*PREDICATES, "pool"]
 

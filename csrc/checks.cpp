@@ -171,8 +171,7 @@ void check_step_table_index(int64_t index, int64_t rows) {
 }
 
 void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                            const std::optional<Tensor>& residual, double output_scale, bool upsample,
-                            DeviceType device) {
+                            const std::optional<Tensor>& residual, double output_scale, DeviceType device) {
   constexpr const char* op = "conv3x3_winograd";
   check_main(op, "x", x, device);
   DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
@@ -193,12 +192,11 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
                     sizes_str(bias->sizes()));
   }
   if (residual.has_value()) {
-    const int64_t up = upsample ? 2 : 1, H = up * x.size(2), W = up * x.size(3);
     check_like(op, "residual", *residual, "x", x);
     DDPM_FAST_CHECK(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == O &&
-                        residual->size(2) == H && residual->size(3) == W,
-                    op, ": residual must have the output's shape (", x.size(0), ", ", O, ", ", H, ", ", W, "), got ",
-                    sizes_str(residual->sizes()));
+                        residual->size(2) == x.size(2) && residual->size(3) == x.size(3),
+                    op, ": residual must have the output's shape (", x.size(0), ", ", O, ", ", x.size(2), ", ",
+                    x.size(3), "), got ", sizes_str(residual->sizes()));
   }
   DDPM_FAST_CHECK(std::isfinite(output_scale) && output_scale != 0.0, op,
                   ": output_scale must be finite and nonzero, got ", output_scale);

@@ -56,11 +56,9 @@ void check_step_table_index(int64_t index, int64_t rows);
 
 // conv3x3_winograd: x (N, C, H, W) float32 on `device`; weight (16 or 36, C, O) for F(2x2) / F(4x4) (on the
 // CPU also as (16 or 36, O / 16, C, 16) column panels),
-// bias (O), residual (N, O, H, W) (upsample: (N, O, 2H, 2W)), all float32 on x's device; output_scale finite and
-// nonzero.
+// bias (O), residual (N, O, H, W), all float32 on x's device; output_scale finite and nonzero.
 void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                            const std::optional<Tensor>& residual, double output_scale, bool upsample,
-                            DeviceType device);
+                            const std::optional<Tensor>& residual, double output_scale, DeviceType device);
 
 // panel_linear: x (M, K) float32 on `device` with unit column stride; weight (P, K, 16) float32 contiguous from
 // ddpm_fast.ops.panel_weight (N = 16 P outputs); bias (N), other (M, N), float32 on x's device.

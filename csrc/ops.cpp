@@ -29,9 +29,7 @@ STABLE_TORCH_LIBRARY(ddpm_fast, m) {
   // (16 or 36, C_in, C_out) from ddpm_fast.ops.winograd_weight, or its (16 or 36, C_out / 16, C_in, 16) column
   // panels (winograd_weight(..., panels=True), for few tiles). y = conv(x) + bias (+ residual), then SiLU,
   // then / output_scale; y is channels_last.
-  // upsample=True convolves x's nearest-neighbour x2 upsampling instead (read in place: y and residual are
-  // (N, C_out, 2H, 2W)), an up block's Upsample2D.
-  m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool silu, float output_scale, bool upsample=False) -> Tensor");
+  m.def("conv3x3_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool silu, float output_scale) -> Tensor");
   // x @ W^T + bias (+ other) for fp32 x (M, K) of few rows, CPU only; weight is W (N, K) as (N / 16, K, 16) column
   // panels from ddpm_fast.ops.panel_weight, read once front to back. Returns (M, N), contiguous.
   m.def("panel_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other) -> Tensor");

@@ -15,7 +15,6 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import fast_path
-from ddpm_fast.models.conv import Conv2d
 from helpers import TINY, seed_of
 
 pytestmark = pytest.mark.usefixtures("fused_backend")
@@ -260,11 +259,9 @@ def test_pipeline_steps_replay_one_plan():
     assert torch.equal(images.images, eager.images)
 
 
-def test_recording_under_inference_mode_keeps_the_eager_ops(monkeypatch):
+def test_recording_under_inference_mode_keeps_the_eager_ops():
     """Recorded inside inference mode, make_fx would take other decompositions (nearest upsampling as an index
-    op); the plan records outside it, so its graph holds the ops the eager forward runs. (The upsamplers'
-    convolutions are kept from reading through the upsampling, so that the forward interpolates.)"""
-    monkeypatch.setattr(Conv2d, "upsampled_path", lambda self, x: None)
+    op); the plan records outside it, so its graph holds the ops the eager forward runs."""
     model = _model()
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():

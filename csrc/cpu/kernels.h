@@ -33,10 +33,9 @@ struct Kernels {
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
   // Winograd F(tile x tile, 3x3), tile 2 or 4, fp32 channels-last (N, H, W, C) images cut into
   // tiles_h x tiles_w tiles of tile x tile outputs per image; tiles [t0, t1) go to / come from rows 0.. of
-  // (tile + 2)^2 planes. Input: V[k * ldv + (t - t0) * C + c]. With `upsample` x is (N, H / 2, W / 2, C) (H, W
-  // even) and the transform reads its nearest-neighbour x2 upsampling: pixel (h, w) is x's (h / 2, w / 2).
+  // (tile + 2)^2 planes. Input: V[k * ldv + (t - t0) * C + c].
   void (*winograd_input)(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile, bool upsample);
+                         int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);
   // For each of `planes` planes k: M[k * ldm + r * ldr + j] = sum_c V[k * ldv + r * C + c] * U[k * ldu + c * O + j]
   // for rows r < rows, columns j < oc (U already offset to the first column). Single-threaded, register-blocked;
   // nullptr in builds without a fast one (DEFAULT), where the glue uses torch's batched GEMM instead.

@@ -80,7 +80,6 @@ struct Geometry {
   int tile, planes;
   bool silu;
   float inv_scale;
-  bool upsample;  // x is (N, H / 2, W / 2, C), read through its nearest-neighbour x2 upsampling
 };
 
 // Tiles per block so that V (P x nb x C) and M (P x nb x O) fill `budget` bytes (at least one GEMM row group).
@@ -112,7 +111,7 @@ void run_pipeline(const Kernels& k, const Geometry& g, int64_t T, bool torch_gem
     for (int64_t b0 = ta; b0 < tb; b0 += nb) {
       const int64_t rows = std::min(nb, tb - b0);
       const int64_t ldv = torch_gemm ? rows * C : plane_stride(rows, C), ldm = torch_gemm ? rows * O : plane_stride(rows, O);
-      k.winograd_input(g.x, V, g.H, g.W, C, g.th, g.tw, b0, b0 + rows, ldv, g.tile, g.upsample);
+      k.winograd_input(g.x, V, g.H, g.W, C, g.th, g.tw, b0, b0 + rows, ldv, g.tile);
       if (torch_gemm)
         bmm_out_cpu(cpu_float_blob(M, {P, rows, O}, {ldm, O, 1}), cpu_float_blob(V, {P, rows, C}, {ldv, C, 1}),
                     *g.weight);
@@ -145,7 +144,7 @@ void run_batched(const Kernels& k, const Geometry& g, int64_t T) {
     const Tensor Mb = nb == block ? M : strided_view(M, {P, nb, O}, {nb * O, O, 1}, 0);
     float* pv = static_cast<float*>(Vb.mutable_data_ptr());
     parallel_for(b0, b0 + nb, std::max<int64_t>(1, 2048 / C), [&](int64_t t0, int64_t t1) {
-      k.winograd_input(g.x, pv + (t0 - b0) * C, g.H, g.W, C, g.th, g.tw, t0, t1, nb * C, g.tile, g.upsample);
+      k.winograd_input(g.x, pv + (t0 - b0) * C, g.H, g.W, C, g.th, g.tw, t0, t1, nb * C, g.tile);
     });
     bmm_out_cpu(Mb, Vb, *g.weight);
     const float* pm = static_cast<const float*>(Mb.const_data_ptr());
@@ -164,7 +163,7 @@ void run_panels(const Kernels& k, const Geometry& g, int64_t T) {
   float* V = mem.floats();
   float* M = V + P * T * C;
   parallel_for(0, T, std::max<int64_t>(1, 2048 / C), [&](int64_t t0, int64_t t1) {
-    k.winograd_input(g.x, V + t0 * C, g.H, g.W, C, g.th, g.tw, t0, t1, T * C, g.tile, g.upsample);
+    k.winograd_input(g.x, V + t0 * C, g.H, g.W, C, g.th, g.tw, t0, t1, T * C, g.tile);
   });
   parallel_for(0, P * np, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
@@ -182,12 +181,10 @@ void run_panels(const Kernels& k, const Geometry& g, int64_t T) {
 }  // namespace
 
 static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
-                                   const std::optional<Tensor>& residual, bool silu, double output_scale,
-                                   bool upsample) {
-  check_conv3x3_winograd(x_in, weight, bias, residual, output_scale, upsample, DeviceType::CPU);
+                                   const std::optional<Tensor>& residual, bool silu, double output_scale) {
+  check_conv3x3_winograd(x_in, weight, bias, residual, output_scale, DeviceType::CPU);
   const bool panels = weight.dim() == 4;  // (planes, O / 16, C, 16) column panels
-  const int64_t up = upsample ? 2 : 1;    // output pixels per input pixel along each side
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = up * x_in.size(2), W = up * x_in.size(3);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t O = panels ? 16 * weight.size(1) : weight.size(2);
   auto channels_last = [](const Tensor& t) {
     return is_channels_last_contiguous(t) ? t : torch::stable::contiguous(t, MemoryFormat::ChannelsLast);
@@ -217,7 +214,7 @@ static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, con
   const int tile = weight.size(0) == 36 ? 4 : 2, planes = (tile + 2) * (tile + 2);
   const int64_t th = (H + tile - 1) / tile, tw = (W + tile - 1) / tile, T = N * th * tw;
   const Geometry g{static_cast<const float*>(x.const_data_ptr()), &w, static_cast<const float*>(w.const_data_ptr()),
-                   py, pb, pr, H, W, C, O, th, tw, tile, planes, silu, inv_scale, upsample};
+                   py, pb, pr, H, W, C, O, th, tw, tile, planes, silu, inv_scale};
   const auto& k = kernels();
   if (panels) {
     run_panels(k, g, T);

@@ -394,33 +394,28 @@ def conv3x3_winograd(
     residual: torch.Tensor | None = None,
     silu: bool = False,
     output_scale: float = 1.0,
-    upsample: bool = False,
 ) -> torch.Tensor:
     """``F.conv2d(x, w, bias, padding=1)`` (3x3, stride 1) by Winograd F(2x2, 3x3) or F(4x4, 3x3), then
-    ``+ residual``, then SiLU, then ``/ output_scale``, in one call. ``upsample=True`` convolves
-    ``F.interpolate(x, scale_factor=2, mode="nearest")`` instead, reading ``x`` in place (the upsampled image is
-    never built).
+    ``+ residual``, then SiLU, then ``/ output_scale``, in one call.
 
     Args:
         x: ``(N, C_in, H, W)`` float32, any memory format (channels_last avoids a copy).
         weight: ``winograd_weight(w, tile)`` of the ``(C_out, C_in, 3, 3)`` weight ``w`` (or its ``panels=True``
             form); its first dimension (16 or 36) selects F(2x2, 3x3) or F(4x4, 3x3).
         bias: optional ``(C_out,)``.
-        residual: optional ``(N, C_out, H, W)`` (``(N, C_out, 2H, 2W)`` with ``upsample``) added before the SiLU.
+        residual: optional ``(N, C_out, H, W)`` added before the SiLU.
 
-    Returns a channels_last ``(N, C_out, H, W)`` (or ``2H, 2W``) float32 tensor. 2.25x (F2) or 4x (F4) fewer
-    multiplies than the direct convolution; the result differs from it by float rounding (about 1e-6 relative for
-    F2, a few times that for F4).
+    Returns a channels_last ``(N, C_out, H, W)`` float32 tensor. 2.25x (F2) or 4x (F4) fewer multiplies than
+    the direct convolution; the result differs from it by float rounding (about 1e-6 relative for F2, a few
+    times that for F4).
     """
     if x.device.type != "cuda" and _native_covers(x, weight, bias, residual, any_dtype=True):
-        return _run_native("conv3x3_winograd", x, weight, bias, residual, silu, float(output_scale), upsample)
-    return _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale, upsample)
+        return _run_native("conv3x3_winograd", x, weight, bias, residual, silu, float(output_scale))
+    return _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale)
 
 
-def _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale, upsample=False):
+def _conv3x3_winograd_composite(x, weight, bias, residual, silu, output_scale):
     """The same algorithm in PyTorch ops (any device, autograd): the reference the kernel is tested against."""
-    if upsample:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     if weight.dim() == 4:  # column panels back to (planes, C_in, C_out)
         weight = weight.permute(0, 2, 1, 3).reshape(weight.shape[0], weight.shape[2], -1)
     n, c, h, w = x.shape
@@ -530,13 +525,10 @@ def _register_fakes() -> None:
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
     @torch.library.register_fake("ddpm_fast::conv3x3_winograd")
-    def _(x, weight, bias, residual, silu, output_scale, upsample=False):
+    def _(x, weight, bias, residual, silu, output_scale):
         _same_device("conv3x3_winograd", "x", x, weight=weight, bias=bias, residual=residual)
         out = weight.shape[1] * weight.shape[3] if weight.dim() == 4 else weight.shape[2]
-        up = 2 if upsample else 1
-        return x.new_empty((x.shape[0], out, up * x.shape[2], up * x.shape[3])).contiguous(
-            memory_format=torch.channels_last
-        )
+        return x.new_empty((x.shape[0], out, x.shape[2], x.shape[3])).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("ddpm_fast::panel_linear")
     def _(x, weight, bias, other):

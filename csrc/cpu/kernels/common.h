@@ -276,7 +276,7 @@ void col_affine_kernel(DType, const void* x, int64_t ldx, void* y, int64_t ldy, 
                        const float* hi, const float* a, const float* b, bool silu);
 void softmax_rows_kernel(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
 void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile, bool upsample);
+                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile);
 void winograd_output_kernel(const float* M, int64_t ldm, int64_t ldr, float* y, const float* bias,
                             const float* residual, int64_t H, int64_t W, int64_t O, int64_t oc, int64_t tiles_h,
                             int64_t tiles_w, int64_t t0, int64_t t1, bool silu, float inv_scale, int tile);

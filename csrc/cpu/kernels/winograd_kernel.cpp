@@ -108,20 +108,18 @@ inline void output_tile(const LD& ld, const OUT& out) {
 
 // The loops below take the tile size as a template argument, so that each copy has fixed trip counts and the
 // patch / transformed values can stay in registers. Tiles whose patch lies inside the image (all but the border
-// ones) read it straight from x; the border ones go through a table of pixel pointers with zeros outside, and so
-// do all tiles of an upsampled input (UP: pixel (h, w) of the H x W image is x's (h / 2, w / 2)).
-template <int TILE, bool UP>
+// ones) read it straight from x; the border ones go through a table of pixel pointers with zeros outside.
+template <int TILE>
 void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h, int64_t tiles_w,
                  int64_t t0, int64_t t1, int64_t ldv, const float* zeros) {
   constexpr int P = TILE + 2;  // patch side
   const int64_t per_image = tiles_h * tiles_w, cv = C / kV * kV, rs = W * C;
-  const int64_t xw = UP ? W / 2 : W, image = UP ? (H / 2) * xw * C : H * W * C;  // x's row length, image size
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / per_image, r = t % per_image;
     const int64_t h0 = TILE * (r / tiles_w) - 1, w0 = TILE * (r % tiles_w) - 1;
-    const float* img = x + n * image;
+    const float* img = x + n * H * W * C;
     float* out = V + (t - t0) * C;
-    if (!UP && h0 >= 0 && w0 >= 0 && h0 + P <= H && w0 + P <= W) {
+    if (h0 >= 0 && w0 >= 0 && h0 + P <= H && w0 + P <= W) {
       const float* base = img + (h0 * W + w0) * C;
       for (int64_t c = 0; c < cv; c += kV)
         input_tile<TILE>([&](int i, int j) { return Vec::loadu(base + i * rs + j * C + c); },
@@ -139,8 +137,7 @@ void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int6
     for (int i = 0; i < P; ++i)
       for (int j = 0; j < P; ++j) {
         const int64_t h = h0 + i, w = w0 + j;
-        const int64_t pixel = UP ? (h >> 1) * xw + (w >> 1) : h * W + w;
-        px[i * P + j] = (h >= 0 && h < H && w >= 0 && w < W) ? img + pixel * C : zeros;
+        px[i * P + j] = (h >= 0 && h < H && w >= 0 && w < W) ? img + (h * W + w) * C : zeros;
       }
     for (int64_t c = 0; c < cv; c += kV)
       input_tile<TILE>([&](int i, int j) { return Vec::loadu(px[i * P + j] + c); },
@@ -331,7 +328,7 @@ void gemm_plane(const float* A, int64_t lda, const float* B, int64_t ldb, float*
 }  // namespace
 
 void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile, bool upsample) {
+                           int64_t tiles_w, int64_t t0, int64_t t1, int64_t ldv, int tile) {
   // C zeros for the pixels outside the image (border tiles), on the stack up to 1024 channels.
   constexpr int64_t kStackZeros = 1024;
   alignas(64) float stack_zeros[kStackZeros];
@@ -343,13 +340,8 @@ void winograd_input_kernel(const float* x, float* V, int64_t H, int64_t W, int64
     heap_zeros.reset(new float[C]());
     zeros = heap_zeros.get();
   }
-  if (tile == 2) {
-    if (upsample) input_tiles<2, true>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv, zeros);
-    else input_tiles<2, false>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv, zeros);
-  } else {
-    if (upsample) input_tiles<4, true>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv, zeros);
-    else input_tiles<4, false>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv, zeros);
-  }
+  if (tile == 2) input_tiles<2>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv, zeros);
+  else input_tiles<4>(x, V, H, W, C, tiles_h, tiles_w, t0, t1, ldv, zeros);
 }
 
 void winograd_output_kernel(const float* M, int64_t ldm, int64_t ldr, float* y, const float* bias,

@@ -150,9 +150,8 @@ def _packed_compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return None
 
 
-def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor, shape: tuple[int, int, int]) -> int:
-    """4 or 2: the Winograd tile for ``conv(x)`` with ``shape`` (N, H, W) output pixels; 0: not eligible (see
-    WINOGRAD_MIN_*)."""
+def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor) -> int:
+    """4 or 2: the Winograd tile for ``conv(x)``; 0: not eligible (see WINOGRAD_MIN_*)."""
     max_tile = fast_path.winograd_max_tile()
     if not (
         max_tile
@@ -167,27 +166,25 @@ def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor, shape: tuple[int, int, int]
     ):
         return 0
     for tile in (4, 2):
-        if tile <= max_tile and _tiles(shape, tile) >= WINOGRAD_MIN_TILES[tile]:
+        if tile <= max_tile and _tiles(x, tile) >= WINOGRAD_MIN_TILES[tile]:
             return tile
     return 0
 
 
-def _tiles(shape: tuple[int, int, int], tile: int) -> int:
-    n, h, w = shape
+def _tiles(x: torch.Tensor, tile: int) -> int:
+    n, _, h, w = x.shape
     return n * -(-h // tile) * -(-w // tile)
 
 
-def _winograd_panels(conv: nn.Conv2d, shape: tuple[int, int, int], tile: int) -> bool:
-    """Whether the Winograd weight of ``conv`` on ``shape`` (N, H, W) outputs goes to the kernel as column panels
-    (few tiles: see ops.winograd_weight)."""
+def _winograd_panels(conv: nn.Conv2d, x: torch.Tensor, tile: int) -> bool:
+    """Whether ``conv(x)``'s Winograd weight goes to the kernel as column panels (few tiles: see
+    ops.winograd_weight)."""
     return (
-        _tiles(shape, tile) <= WINOGRAD_PANELS_MAX_TILES
-        and conv.out_channels % ops.PANEL == 0
-        and linear.panel_supported()
+        _tiles(x, tile) <= WINOGRAD_PANELS_MAX_TILES and conv.out_channels % ops.PANEL == 0 and linear.panel_supported()
     )
 
 
-def _gemm(conv: nn.Conv2d, x: torch.Tensor, pixels: int) -> bool:
+def _gemm(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     if not (
         conv.stride == (1, 1)
         and conv.dilation == (1, 1)
@@ -195,6 +192,7 @@ def _gemm(conv: nn.Conv2d, x: torch.Tensor, pixels: int) -> bool:
         and x.is_contiguous(memory_format=torch.channels_last)
     ):
         return False
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
     if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
         return pixels <= GEMM_1X1_MAX_PIXELS
     return (
@@ -218,9 +216,8 @@ def _taps(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
-def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = None, *, upsample: bool = False) -> str:
-    """Which implementation runs ``conv(x)`` (then ``+ other``): see the module docstring. ``upsample``: the one
-    that would run ``conv`` on ``x``'s nearest-neighbour x2 upsampling."""
+def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
+    """Which implementation runs ``conv(x)`` (then ``+ other``): see the module docstring."""
     w, b = conv.weight, conv.bias
     if not (
         x.dim() == 4
@@ -236,14 +233,12 @@ def conv_path(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None = Non
     ):
         return "plain"
     if x.is_cpu:
-        up = 2 if upsample else 1
-        n, h, w = x.shape[0], up * x.shape[2], up * x.shape[3]
-        exact_other = other is None or other.shape == (n, conv.out_channels, h, w)
-        if exact_other and _gemm(conv, x, n * h * w):
+        exact_other = other is None or other.shape == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
+        if exact_other and _gemm(conv, x):
             return "gemm"
         if exact_other and _taps(conv, x):
             return "taps"
-        tile = _winograd_tile(conv, x, (n, h, w))
+        tile = _winograd_tile(conv, x)
         if tile and exact_other:
             return "winograd4" if tile == 4 else "winograd2"
         return "packed" if _packed_compute_dtype(x.dtype) is not None else "plain"
@@ -309,7 +304,14 @@ class Conv2d(nn.Conv2d):
         if path != "packed":  # _packed notes itself (the kernel benchmark's baseline calls it directly)
             fast_path.note(f"conv:{path}")
         if path.startswith("winograd"):
-            return self._winograd(x, path, other, silu, output_scale)
+            tile = int(path[-1])
+            panels = _winograd_panels(self, x, tile)
+            if panels:
+                fast_path.note("winograd:panels")
+            u, b = self._prepared.get(
+                (path, panels), (self.weight, self.bias), lambda: self._winograd_weights(tile, panels)
+            )
+            return ops.conv3x3_winograd(x, u, b, residual=other, silu=silu, output_scale=output_scale)
         if path == "packed":
             y = self._packed(x, other, silu)
             return y.div_(output_scale) if output_scale != 1.0 else y
@@ -334,32 +336,6 @@ class Conv2d(nn.Conv2d):
         if output_scale != 1.0:
             y = y.div_(output_scale) if inplace else y / output_scale
         return y
-
-    def upsampled_path(self, x: torch.Tensor) -> str | None:
-        """The Winograd path of ``conv`` on ``x``'s nearest-neighbour x2 upsampling, or None when that convolution
-        would not run as Winograd (then nothing reads through the upsampling)."""
-        path = conv_path(self, x, upsample=True)
-        return path if path.startswith("winograd") else None
-
-    def forward_upsampled(self, x: torch.Tensor, path: str) -> torch.Tensor:
-        """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` (an up block's Upsample2D) for ``path =
-        upsampled_path(x)``: the kernel reads ``x`` through the upsampling, so the 4x larger image is never built."""
-        fast_path.note(f"conv:{path}")
-        fast_path.note("upsample:fused")
-        return self._winograd(x, path, None, False, 1.0, upsample=True)
-
-    def _winograd(
-        self, x: torch.Tensor, path: str, other: torch.Tensor | None, silu: bool, output_scale: float, upsample=False
-    ) -> torch.Tensor:
-        tile = int(path[-1])
-        up = 2 if upsample else 1
-        panels = _winograd_panels(self, (x.shape[0], up * x.shape[2], up * x.shape[3]), tile)
-        if panels:
-            fast_path.note("winograd:panels")
-        u, b = self._prepared.get(
-            (path, panels), (self.weight, self.bias), lambda: self._winograd_weights(tile, panels)
-        )
-        return ops.conv3x3_winograd(x, u, b, residual=other, silu=silu, output_scale=output_scale, upsample=upsample)
 
     def forward_cat(self, x: torch.Tensor, skip: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         """``conv(torch.cat([x, skip], 1))`` (then ``+ other``, of the output's shape) on :func:`cat_path`'s

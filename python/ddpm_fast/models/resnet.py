@@ -178,12 +178,6 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(self.channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
 
     def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        if output_size is None and self.conv is not None and not fast_path.forward_hooked(self.conv):
-            # the convolution reads the input through the upsampling where its kernel can (Conv2d.forward_upsampled);
-            # a hook on it sees the upsampled input, as in diffusers
-            path = self.conv.upsampled_path(hidden_states)
-            if path:
-                return self.conv.forward_upsampled(hidden_states, path)
         # upsample_nearest_nhwc fails for large batches and huge outputs (diffusers issues 984, pytorch 141831).
         if hidden_states.shape[0] >= 64 or hidden_states.numel() * 2 > 2**31:
             hidden_states = hidden_states.contiguous()
