@@ -798,8 +798,15 @@ def test_conv3x3_winograd_matches_float64_conv(shape, fmt, tile):
     or 4x + 1e-5 of the output's largest value (F4). Odd sizes leave partial tiles at the right and bottom edges."""
     x, w, b, r = _wino_case(shape, seed_of(shape, fmt, tile))
     x = _layout(x, fmt)
-    u = ops.winograd_weight(w, tile)
-    for bias, res, silu, scale in ((None, None, False, 1.0), (b, r, True, 2.0), (b, None, False, 0.5)):
+    _check_winograd(
+        x, w, ops.winograd_weight(w, tile), tile, ((None, None, False, 1.0), (b, r, True, 2.0), (b, None, False, 0.5))
+    )
+
+
+def _check_winograd(x, w, u, tile, cases):
+    """The native op and its composite on weight form ``u`` against F.conv2d in float64 for each (bias, residual,
+    silu, output scale) case, with test_conv3x3_winograd_matches_float64_conv's bounds."""
+    for bias, res, silu, scale in cases:
         ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
         direct = F.conv2d(x, w, bias, padding=1)
         if res is not None:
@@ -1060,21 +1067,7 @@ def test_conv3x3_winograd_panels_match_float64(shape, fmt, tile):
     assert u.shape == (p, w.shape[0] // 16, w.shape[1], 16)
     unpacked = u.permute(0, 2, 1, 3).reshape(p, w.shape[1], -1)
     torch.testing.assert_close(unpacked, ops.winograd_weight(w, tile), rtol=0, atol=0)
-    for bias, res, silu, scale in ((None, None, False, 1.0), (b, r, True, 2.0)):
-        ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
-        direct = F.conv2d(x, w, bias, padding=1)
-        if res is not None:
-            ref, direct = ref + res.double(), direct + res
-        if silu:
-            ref, direct = F.silu(ref), F.silu(direct)
-        ref, direct = ref / scale, direct / scale
-        with torch.inference_mode():
-            out = ops.conv3x3_winograd(x, u, bias, residual=res, silu=silu, output_scale=scale)
-        composite = ops._conv3x3_winograd_composite(x, u, bias, res, silu, scale)
-        peak = ref.abs().max().item()
-        bound = 2 * _err(direct, ref) + 2.5e-6 * peak if tile == 2 else 4 * _err(direct, ref) + 4e-5 * peak
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        assert _err(out, ref) <= bound and _err(composite, ref) <= bound, (_err(out, ref), _err(composite, ref), bound)
+    _check_winograd(x, w, u, tile, ((None, None, False, 1.0), (b, r, True, 2.0)))
 
 
 @native
