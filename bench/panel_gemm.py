@@ -105,14 +105,15 @@ def winograd_rows(rounds: int, flush: torch.Tensor) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--flush-mb", type=int, default=600, help="MB read before each cold call (tests: small)")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    flush = torch.ones(600 * 2**20 // 4)
+    flush = torch.ones(args.flush_mb * 2**20 // 4)
     rows = linear_rows(args.rounds, flush) + winograd_rows(args.rounds, flush)
     for r in rows:
         ours, base = ("panel_linear", "onednn_packed") if r["op"] == "linear" else ("panels", "planes_auto")

@@ -371,3 +371,26 @@ def test_quality_bench_scores_samples_between_noise_and_real_digits(tmp_path):
     assert refs["real_held_out"]["mean_confidence"] > refs["uniform_noise"]["mean_confidence"]
     assert report["classifier_held_out_accuracy"] > 0.9
     assert "| ddim-2 |" in summary.render(report)
+
+
+@pytest.mark.skipif(not ddpm_fast.ops.native_available(), reason="needs the native kernels")
+def test_panel_gemm_script_writes_its_rows(tmp_path):
+    """bench/panel_gemm.py at a tiny size: one row per shape with cold and warm medians and ratios for each
+    candidate, and the panel GEMM's error against float64 small."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "panel_gemm.py"
+    spec = importlib.util.spec_from_file_location("panel_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "panel.json"
+    module.main(["--rounds", "1", "--flush-mb", "4", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert len(rows) == len(module.LINEAR_SHAPES) + len(module.WINOGRAD_SHAPES)
+    for row in rows:
+        ours = "panel_linear" if row["op"] == "linear" else "panels"
+        for state in ("cold", "warm"):
+            assert row[state][ours] > 0 and row[f"{state}_speedup_of_{ours}"] > 0
+        if row["op"] == "linear":
+            assert row["max_abs_err_vs_float64"] < 1e-4
