@@ -373,16 +373,22 @@ def test_quality_bench_scores_samples_between_noise_and_real_digits(tmp_path):
     assert "| ddim-2 |" in summary.render(report)
 
 
+def _bench_script(name: str):
+    """bench/<name>.py as a module (the scripts there are not part of the package)."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(not ddpm_fast.ops.native_available(), reason="needs the native kernels")
 def test_panel_gemm_script_writes_its_rows(tmp_path):
     """bench/panel_gemm.py at a tiny size: one row per shape with cold and warm medians and ratios for each
     candidate, and the panel GEMM's error against float64 small."""
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "panel_gemm.py"
-    spec = importlib.util.spec_from_file_location("panel_gemm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_script("panel_gemm")
     out = tmp_path / "panel.json"
     module.main(["--rounds", "1", "--flush-mb", "4", "--json", str(out)])
     report = json.loads(out.read_text())
@@ -394,3 +400,28 @@ def test_panel_gemm_script_writes_its_rows(tmp_path):
             assert row[state][ours] > 0 and row[f"{state}_speedup_of_{ours}"] > 0
         if row["op"] == "linear":
             assert row["max_abs_err_vs_float64"] < 1e-4
+
+
+def test_op_scaling_script_writes_its_rows(tmp_path):
+    """bench/op_scaling.py on the tiny UNet: one row per (op, shapes) with its time at 1 and 2 threads, the loss
+    t_2 - t_1 / 2 consistent with them and rows sorted by it; wall times and the thread count restored after."""
+    module = _bench_script("op_scaling")
+    out = tmp_path / "scaling.json"
+    before = torch.get_num_threads()
+    module.main(["--arch", "tiny", "--rounds", "1", "--flush-mb", "4", "--top", "0", "--json", str(out)])
+    assert torch.get_num_threads() == before
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python bench/op_scaling.py --arch tiny")
+    assert report["wall_ms"]["1"] > 0 and report["wall_ms"]["2"] > 0
+    rows = report["rows"]
+    ops = {row["op"] for row in rows}
+    assert "aten::view" in ops or "aten::permute" in ops
+    if NATIVE:
+        assert "ddpm_fast::conv3x3_winograd" in ops and "ddpm_fast::group_norm_silu" in ops
+    for row in rows:
+        assert row["calls"] >= 1 and row["ms_1_thread"] >= 0 and row["ms_2_threads"] >= 0
+        assert row["loss_ms"] == pytest.approx(row["ms_2_threads"] - row["ms_1_thread"] / 2)
+    losses = [row["loss_ms"] for row in rows]
+    assert losses == sorted(losses, reverse=True)
+    with pytest.raises(SystemExit):
+        module.main(["--threads", "1"])
