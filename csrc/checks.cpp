@@ -29,6 +29,14 @@ void check_like(const char* op, const char* name, const Tensor& t, const char* r
                   " but ", ref_name, " has dtype ", dtype_str(dtype_of(ref)), " (dtypes must match)");
 }
 
+// An optional per-output-channel bias: like x, shape (n).
+void check_bias(const char* op, const std::optional<Tensor>& bias, const Tensor& x, int64_t n) {
+  if (!bias.has_value()) return;
+  check_like(op, "bias", *bias, "x", x);
+  DDPM_FAST_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape (", n, "), got ",
+                  sizes_str(bias->sizes()));
+}
+
 // The checks scheduler_step and scheduler_step_table share.
 void check_step_tensors(const char* op, const Tensor& model_output, const Tensor& sample,
                         const std::optional<Tensor>& noise, std::optional<double> clip_range, DeviceType device) {
@@ -186,11 +194,7 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
                   "ddpm_fast.ops.winograd_weight (or its (16 or 36, C_out / 16, C_in=", x.size(1),
                   ", 16) panels on the CPU), got shape ", sizes_str(weight.sizes()));
   const int64_t O = panels ? 16 * weight.size(1) : weight.size(2);
-  if (bias.has_value()) {
-    check_like(op, "bias", *bias, "x", x);
-    DDPM_FAST_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, "), got ",
-                    sizes_str(bias->sizes()));
-  }
+  check_bias(op, bias, x, O);
   if (residual.has_value()) {
     check_like(op, "residual", *residual, "x", x);
     DDPM_FAST_CHECK(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == O &&
@@ -214,11 +218,7 @@ void check_panel_linear(const Tensor& x, const Tensor& weight, const std::option
                   ": weight must be the (N / 16, K=", x.size(1), ", 16) panels from ddpm_fast.ops.panel_weight, got shape ",
                   sizes_str(weight.sizes()));
   const int64_t N = 16 * weight.size(0);
-  if (bias.has_value()) {
-    check_like(op, "bias", *bias, "x", x);
-    DDPM_FAST_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, "), got ",
-                    sizes_str(bias->sizes()));
-  }
+  check_bias(op, bias, x, N);
   if (other.has_value()) {
     check_like(op, "other", *other, "x", x);
     DDPM_FAST_CHECK(other->dim() == 2 && other->size(0) == x.size(0) && other->size(1) == N, op,
