@@ -7,12 +7,15 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice taps --batch 1 --rounds 21
     python bench/ab_paths.py --choice cat_free --batch 16 --rounds 11
     python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
+    python bench/ab_paths.py --choice direct_calls --batch 1 --rounds 41
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
 oneDNN's packed linear and the batched Winograd schedule), ``taps`` (conv_out as one GEMM against its nine taps,
 off: packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of their skip connection, off:
-``torch.cat``), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's allocator).
+``torch.cat``), ``direct_calls`` (a forward plan's replay calls each op through its C++ entry point, off:
+through ``OpOverload.__call__``), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from
+torch's allocator).
 The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
 processes (``DDPM_FAST_CPU_POOL_MB=0`` for off), each timing ``--calls`` forwards after three untimed ones, a
 round's time being their median.
@@ -32,13 +35,14 @@ import torch
 
 import ddpm_fast
 from ddpm_fast.bench import common, engines
-from ddpm_fast.models import conv, linear, resnet
+from ddpm_fast.models import conv, linear, plans, resnet
 
 PREDICATES = {
     "packed_linear": (linear, "usable"),
     "panel": (linear, "panel_supported"),
     "taps": (conv, "_taps"),
     "cat_free": (resnet, "cat_free"),
+    "direct_calls": (plans, "direct_calls"),
 }
 CHOICES = [*PREDICATES, "pool"]
 

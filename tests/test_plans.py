@@ -271,3 +271,31 @@ def test_recording_under_inference_mode_keeps_the_eager_ops():
     targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
     assert "aten.upsample_nearest2d.default" in targets
     assert not {"aten._unsafe_index.Tensor", "aten.index.Tensor"} & targets
+
+
+def test_replay_calls_each_op_through_its_cpp_entry_point(monkeypatch):
+    """The recorded graph calls every op overload straight through ``overload._op``; it prints as recorded, and
+    a plan recorded without that (the same op overloads, called from Python) gives the same output bit for bit."""
+    from ddpm_fast.models import plans
+
+    x = torch.randn(1, 3, 16, 16)
+    direct = _model()
+    with torch.no_grad():
+        outs, paths = _calls(direct, x, 5)
+    assert paths[2]["plan:replay"] == 1
+    (graph,) = direct._plans.graphs()
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    wrapped = [t for t in targets if isinstance(t, plans._Direct)]
+    assert wrapped and not any(isinstance(t, torch._ops.OpOverload) for t in targets)
+    assert all(t.func is t.overload._op and str(t) == str(t.overload) for t in wrapped)
+    assert "ddpm_fast.group_norm_silu.default" in {str(t) for t in wrapped}
+    assert "torch.ops." not in graph.code
+
+    monkeypatch.setattr(plans, "direct_calls", lambda target: False)
+    through_python = _model()
+    with torch.no_grad():
+        outs_py, paths_py = _calls(through_python, x, 5)
+    assert paths_py[2]["plan:replay"] == 1
+    (graph_py,) = through_python._plans.graphs()
+    assert any(isinstance(n.target, torch._ops.OpOverload) for n in graph_py.graph.nodes)
+    assert torch.equal(outs_py[2], outs[2]) and torch.equal(outs[2], outs[0])

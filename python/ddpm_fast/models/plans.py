@@ -5,7 +5,8 @@ which prepared copy, which memory format) costs as much as a large share of the 
 ops one forward actually ran (``make_fx`` in real mode: the aten, oneDNN and ddpm_fast ops with the prepared
 weights as constants) and replays that op list on later calls with inputs of the same shapes, dtypes and
 strides, under the same :mod:`~ddpm_fast.fast_path` policy. A replay runs the same kernels on the same operands,
-so its output equals the eager forward's bit for bit.
+so its output equals the eager forward's bit for bit. The replay calls each op through its C++ entry point
+(:class:`_Direct`), not through ``OpOverload.__call__``'s Python frame, which costs a few microseconds per op.
 
 A plan is only replayed while it is still the forward the model would run:
 
@@ -25,6 +26,7 @@ active :func:`~ddpm_fast.fast_path.record_paths` block, so path counts read the 
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections import Counter
@@ -98,6 +100,40 @@ class _State:
 def _trackable(model: nn.Module) -> bool:
     """Whether every parameter and buffer has a version counter (not made under inference mode)."""
     return all(trackable(p) for p in model.parameters()) and not any(b.is_inference() for b in model.buffers())
+
+
+def direct_calls(target) -> bool:
+    """Whether a recorded call of ``target`` may go straight to its C++ entry point: an op overload with one."""
+    return isinstance(target, torch._ops.OpOverload) and callable(getattr(target, "_op", None))
+
+
+class _Direct(functools.partial):
+    """An op overload called through its C++ entry point, ``overload._op``: the call ``OpOverload.__call__`` makes,
+    without its Python frame (``functools.partial`` calls it from C). It prints as the overload, so a graph's
+    targets read as recorded; the generated code names it after the overload."""
+
+    def __new__(cls, overload: torch._ops.OpOverload):
+        self = super().__new__(cls, overload._op)
+        self.overload = overload
+        self.__name__ = str(overload).replace(".", "_")
+        return self
+
+    def __repr__(self) -> str:
+        return str(self.overload)
+
+    __str__ = __repr__
+
+
+def _call_directly(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph`` with every op overload it calls wrapped in :class:`_Direct`."""
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and direct_calls(node.target):
+            node.target = _Direct(node.target)
+            changed = True
+    if changed:
+        graph.recompile()
+    return graph
 
 
 class _Plan:
@@ -229,4 +265,4 @@ class ForwardPlans:
                 t.__class__ = TrackedParameter
         if any(k.startswith("prepare:") for k in notes):
             return None
-        return _Plan(graph, notes)
+        return _Plan(_call_directly(graph), notes)
