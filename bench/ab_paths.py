@@ -7,15 +7,15 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice taps --batch 1 --rounds 21
     python bench/ab_paths.py --choice cat_free --batch 16 --rounds 11
     python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
-    python bench/ab_paths.py --choice direct_calls --batch 1 --rounds 41
+    python bench/ab_paths.py --choice direct_replay --batch 1 --rounds 61
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
-oneDNN's packed linear and the batched Winograd schedule), ``taps`` (conv_out as one GEMM against its nine taps,
-off: packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of their skip connection, off:
-``torch.cat``), ``direct_calls`` (a forward plan's replay calls each op through its C++ entry point, off:
-through ``OpOverload.__call__``), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from
-torch's allocator).
+oneDNN's packed linear and the batched Winograd schedule), ``taps`` (conv_out as one GEMM against its nine taps, off:
+packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of their skip connection, off:
+``torch.cat``), ``direct_replay`` (a forward plan's replay calls each op through its C++ entry point and reads its
+constants as plain attributes, off: ``OpOverload.__call__`` and ``nn.Module.__getattr__``), ``pool`` (the CPU kernels'
+memory pool, off: their outputs and scratch from torch's allocator).
 The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
 processes (``DDPM_FAST_CPU_POOL_MB=0`` for off), each timing ``--calls`` forwards after three untimed ones, a
 round's time being their median.
@@ -42,7 +42,7 @@ PREDICATES = {
     "panel": (linear, "panel_supported"),
     "taps": (conv, "_taps"),
     "cat_free": (resnet, "cat_free"),
-    "direct_calls": (plans, "direct_calls"),
+    "direct_replay": (plans, "direct_replay"),
 }
 CHOICES = [*PREDICATES, "pool"]
 

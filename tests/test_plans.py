@@ -274,8 +274,9 @@ def test_recording_under_inference_mode_keeps_the_eager_ops():
 
 
 def test_replay_calls_each_op_through_its_cpp_entry_point(monkeypatch):
-    """The recorded graph calls every op overload straight through ``overload._op``; it prints as recorded, and
-    a plan recorded without that (the same op overloads, called from Python) gives the same output bit for bit."""
+    """The recorded graph calls every op overload straight through ``overload._op`` and holds its constants as
+    plain attributes; it prints as recorded, and a plan recorded without that rewrite (the op overloads called from
+    Python, the constants read through ``nn.Module.__getattr__``) gives the same output bit for bit."""
     from ddpm_fast.models import plans
 
     x = torch.randn(1, 3, 16, 16)
@@ -290,12 +291,18 @@ def test_replay_calls_each_op_through_its_cpp_entry_point(monkeypatch):
     assert all(t.func is t.overload._op and str(t) == str(t.overload) for t in wrapped)
     assert "ddpm_fast.group_norm_silu.default" in {str(t) for t in wrapped}
     assert "torch.ops." not in graph.code
+    constants = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
+    assert constants and all(name in vars(graph) for name in constants)
+    assert not dict(graph.named_parameters()) and not dict(graph.named_buffers())
+    model_params = {id(p) for p in direct.parameters()}
+    assert any(id(vars(graph)[name]) in model_params for name in constants)
 
-    monkeypatch.setattr(plans, "direct_calls", lambda target: False)
+    monkeypatch.setattr(plans, "direct_replay", lambda: False)
     through_python = _model()
     with torch.no_grad():
         outs_py, paths_py = _calls(through_python, x, 5)
     assert paths_py[2]["plan:replay"] == 1
     (graph_py,) = through_python._plans.graphs()
     assert any(isinstance(n.target, torch._ops.OpOverload) for n in graph_py.graph.nodes)
+    assert dict(graph_py.named_parameters())
     assert torch.equal(outs_py[2], outs[2]) and torch.equal(outs[2], outs[0])

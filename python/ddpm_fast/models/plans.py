@@ -6,7 +6,9 @@ ops one forward actually ran (``make_fx`` in real mode: the aten, oneDNN and ddp
 weights as constants) and replays that op list on later calls with inputs of the same shapes, dtypes and
 strides, under the same :mod:`~ddpm_fast.fast_path` policy. A replay runs the same kernels on the same operands,
 so its output equals the eager forward's bit for bit. The replay calls each op through its C++ entry point
-(:class:`_Direct`), not through ``OpOverload.__call__``'s Python frame, which costs a few microseconds per op.
+(:class:`_Direct`) and reads its constants as plain attributes (:func:`_for_replay`): ``OpOverload.__call__``'s
+Python frame and ``nn.Module.__getattr__`` cost about a microsecond or more each, for each of a batch-1 forward's
+~570 ops and ~270 constants.
 
 A plan is only replayed while it is still the forward the model would run:
 
@@ -102,9 +104,11 @@ def _trackable(model: nn.Module) -> bool:
     return all(trackable(p) for p in model.parameters()) and not any(b.is_inference() for b in model.buffers())
 
 
-def direct_calls(target) -> bool:
-    """Whether a recorded call of ``target`` may go straight to its C++ entry point: an op overload with one."""
-    return isinstance(target, torch._ops.OpOverload) and callable(getattr(target, "_op", None))
+def direct_replay() -> bool:
+    """Whether recorded graphs are rewritten for replay (:func:`_for_replay`): where torch's op overloads hold their
+    C++ entry point as ``_op`` (every torch this package supports; ``bench/ab_paths.py --choice direct_replay``
+    turns it off to measure it)."""
+    return callable(getattr(torch.ops.aten.add.Tensor, "_op", None))
 
 
 class _Direct(functools.partial):
@@ -124,15 +128,20 @@ class _Direct(functools.partial):
     __str__ = __repr__
 
 
-def _call_directly(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``graph`` with every op overload it calls wrapped in :class:`_Direct`."""
-    changed = False
+def _for_replay(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph`` making the same calls on the same operands with less Python around each: every op overload wrapped
+    in :class:`_Direct`, and every constant it reads (the parameters, the prepared weights) a plain instance
+    attribute, read from the instance dict instead of through ``nn.Module.__getattr__``."""
+    if not direct_replay():
+        return graph
     for node in graph.graph.nodes:
-        if node.op == "call_function" and direct_calls(node.target):
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             node.target = _Direct(node.target)
-            changed = True
-    if changed:
-        graph.recompile()
+        elif node.op == "get_attr":
+            for store in (graph._parameters, graph._buffers):
+                if node.target in store:
+                    graph.__dict__[node.target] = store.pop(node.target)
+    graph.recompile()
     return graph
 
 
@@ -265,4 +274,4 @@ class ForwardPlans:
                 t.__class__ = TrackedParameter
         if any(k.startswith("prepare:") for k in notes):
             return None
-        return _Plan(_call_directly(graph), notes)
+        return _Plan(_for_replay(graph), notes)
