@@ -8,14 +8,17 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice cat_free --batch 16 --rounds 11
     python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
     python bench/ab_paths.py --choice direct_replay --batch 1 --rounds 61
+    python bench/ab_paths.py --choice conv_panels --batch 1 --rounds 61
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
 oneDNN's packed linear and the batched Winograd schedule), ``taps`` (conv_out as one GEMM against its nine taps, off:
 packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of their skip connection, off:
-``torch.cat``), ``direct_replay`` (a forward plan's replay calls each op through its C++ entry point and reads its
-constants as plain attributes, off: ``OpOverload.__call__`` and ``nn.Module.__getattr__``), ``pool`` (the CPU kernels'
-memory pool, off: their outputs and scratch from torch's allocator).
+``torch.cat``), ``conv_panels`` (the 4x4 level's 3x3 convolutions at batch 1 as one op, the panel GEMM over im2col
+rows it builds, off: the im2col rows built in Python and ``panel_linear``), ``direct_replay`` (a forward plan's replay
+calls each op through its C++ entry point and reads its constants as plain attributes, off: ``OpOverload.__call__``
+and ``nn.Module.__getattr__``), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's
+allocator).
 The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
 processes (``DDPM_FAST_CPU_POOL_MB=0`` for off), each timing ``--calls`` forwards after three untimed ones, a
 round's time being their median.
@@ -41,6 +44,7 @@ PREDICATES = {
     "packed_linear": (linear, "usable"),
     "panel": (linear, "panel_supported"),
     "taps": (conv, "_taps"),
+    "conv_panels": (conv, "_panels"),
     "cat_free": (resnet, "cat_free"),
     "direct_replay": (plans, "direct_replay"),
 }

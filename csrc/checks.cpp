@@ -37,6 +37,16 @@ void check_bias(const char* op, const std::optional<Tensor>& bias, const Tensor&
                   sizes_str(bias->sizes()));
 }
 
+// A 3x3 convolution's optional residual: like x, of the output's shape (N, O, H, W).
+void check_conv_residual(const char* op, const std::optional<Tensor>& residual, const Tensor& x, int64_t O) {
+  if (!residual.has_value()) return;
+  check_like(op, "residual", *residual, "x", x);
+  DDPM_FAST_CHECK(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == O &&
+                      residual->size(2) == x.size(2) && residual->size(3) == x.size(3),
+                  op, ": residual must have the output's shape (", x.size(0), ", ", O, ", ", x.size(2), ", ",
+                  x.size(3), "), got ", sizes_str(residual->sizes()));
+}
+
 // The checks scheduler_step and scheduler_step_table share.
 void check_step_tensors(const char* op, const Tensor& model_output, const Tensor& sample,
                         const std::optional<Tensor>& noise, std::optional<double> clip_range, DeviceType device) {
@@ -195,13 +205,7 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
                   ", 16) panels on the CPU), got shape ", sizes_str(weight.sizes()));
   const int64_t O = panels ? 16 * weight.size(1) : weight.size(2);
   check_bias(op, bias, x, O);
-  if (residual.has_value()) {
-    check_like(op, "residual", *residual, "x", x);
-    DDPM_FAST_CHECK(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == O &&
-                        residual->size(2) == x.size(2) && residual->size(3) == x.size(3),
-                    op, ": residual must have the output's shape (", x.size(0), ", ", O, ", ", x.size(2), ", ",
-                    x.size(3), "), got ", sizes_str(residual->sizes()));
-  }
+  check_conv_residual(op, residual, x, O);
   DDPM_FAST_CHECK(std::isfinite(output_scale) && output_scale != 0.0, op,
                   ": output_scale must be finite and nonzero, got ", output_scale);
 }
@@ -224,6 +228,22 @@ void check_panel_linear(const Tensor& x, const Tensor& weight, const std::option
     DDPM_FAST_CHECK(other->dim() == 2 && other->size(0) == x.size(0) && other->size(1) == N, op,
                     ": other must have the output's shape (", x.size(0), ", ", N, "), got ", sizes_str(other->sizes()));
   }
+}
+
+void check_conv3x3_panels(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                          const std::optional<Tensor>& residual, DeviceType device) {
+  constexpr const char* op = "conv3x3_panels";
+  check_main(op, "x", x, device);
+  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
+                  "; only float32 is supported");
+  DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", sizes_str(x.sizes()));
+  check_like(op, "weight", weight, "x", x);
+  DDPM_FAST_CHECK(weight.dim() == 3 && weight.size(1) == 9 * x.size(1) && weight.size(2) == 16, op,
+                  ": weight must be the (C_out / 16, 9 C_in=", 9 * x.size(1),
+                  ", 16) panels from ddpm_fast.ops.conv3x3_panel_weight, got shape ", sizes_str(weight.sizes()));
+  const int64_t O = 16 * weight.size(0);
+  check_bias(op, bias, x, O);
+  check_conv_residual(op, residual, x, O);
 }
 
 }  // namespace ddpm_fast

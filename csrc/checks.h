@@ -65,4 +65,9 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
 void check_panel_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                         const std::optional<Tensor>& other, DeviceType device);
 
+// conv3x3_panels: x (N, C, H, W) float32 on `device`; weight (P, 9 C, 16) float32 from
+// ddpm_fast.ops.conv3x3_panel_weight (O = 16 P outputs); bias (O), residual (N, O, H, W), float32 on x's device.
+void check_conv3x3_panels(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                          const std::optional<Tensor>& residual, DeviceType device);
+
 }  // namespace ddpm_fast

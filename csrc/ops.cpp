@@ -33,6 +33,10 @@ STABLE_TORCH_LIBRARY(ddpm_fast, m) {
   // x @ W^T + bias (+ other) for fp32 x (M, K) of few rows, CPU only; weight is W (N, K) as (N / 16, K, 16) column
   // panels from ddpm_fast.ops.panel_weight, read once front to back. Returns (M, N), contiguous.
   m.def("panel_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other) -> Tensor");
+  // 3x3 / stride 1 / padding 1 convolution of fp32 x (N, C, H, W) of few pixels as one panel GEMM of its im2col
+  // rows, (N*H*W, 9C) in (kh, kw, c) order, CPU only; weight is (C_out / 16, 9C, 16) panels from
+  // ddpm_fast.ops.conv3x3_panel_weight. y = conv(x) + bias (+ residual), channels_last.
+  m.def("conv3x3_panels(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
   // One DDPM/DDIM step, elementwise in fp32: x0 = a_x*sample + a_e*model_output (clamped to +-clip_range when
   // given); prev = c0*x0 + c1*sample + c2*model_output + noise_scale*noise, the noise term skipped when noise
   // is None or noise_scale == 0. Returns (prev, x0), in sample's layout when model_output (and noise, when

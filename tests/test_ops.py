@@ -688,6 +688,9 @@ assert (ops.conv3x3_winograd(x, ops.winograd_weight(w, panels=True)).double() - 
 a, wl, b = torch.randn(19, 37, generator=g), torch.randn(48, 37, generator=g), torch.randn(48, generator=g)
 ref = F.linear(a.double(), wl.double(), b.double())
 assert (ops.panel_linear(a, ops.panel_weight(wl), b).double() - ref).abs().max() < 1e-5
+w = torch.randn(32, 24, 3, 3) / 15
+ref = F.conv2d(x.double(), w.double(), padding=1)
+assert (ops.conv3x3_panels(x, ops.conv3x3_panel_weight(w)).double() - ref).abs().max() < 1e-5
 print(_native.cpu_isa() if _native.available() else "composite")
 """
 
@@ -1045,6 +1048,99 @@ def test_panel_linear_threads_split_the_panels(threads):
         one = ops.panel_linear(x, u, b, other)
         torch.set_num_threads(threads)
         assert torch.equal(ops.panel_linear(x, u, b, other), one)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# (N, C_in, C_out, H, W): the 4x4 level at batch 1, odd channel and pixel counts, one pixel.
+CONV_PANEL_SHAPES = [(1, 256, 256, 4, 4), (2, 7, 32, 3, 5), (1, 13, 16, 1, 1), (3, 5, 48, 4, 4)]
+
+
+def _conv_panel_case(shape, seed):
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x, wt = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, 3, 3, generator=g) / max(9 * c, 1) ** 0.5
+    return x, wt, torch.randn(o, generator=g), torch.randn(n, o, h, w, generator=g)
+
+
+@native
+@pytest.mark.parametrize("shape", CONV_PANEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_conv3x3_panels_matches_float64_and_conv(shape, fmt):
+    """conv(x) + bias (+ residual) as the panel GEMM over im2col rows built in the op, against F.conv2d in float64
+    (and fp32 F.conv2d's own error), with and without bias and residual, both memory formats (the residual in the
+    other one), and the composite; the panel weight unpacks to the (kh, kw, c)-ordered GEMM weight."""
+    x, w, b, r = _conv_panel_case(shape, seed_of(shape, fmt))
+    x, r = _layout(x, fmt), _layout(r, "channels_last" if fmt == "contiguous" else "contiguous")
+    u = ops.conv3x3_panel_weight(w)
+    o, c = w.shape[:2]
+    assert u.shape == (o // 16, 9 * c, 16) and u.is_contiguous()
+    unpacked = u.transpose(1, 2).reshape(o, 9 * c)
+    assert torch.equal(unpacked, w.permute(0, 2, 3, 1).reshape(o, 9 * c))
+    for bias, res in ((None, None), (b, None), (b, r), (None, r)):
+        ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
+        same = F.conv2d(x, w, bias, padding=1)
+        if res is not None:
+            ref, same = ref + res.double(), same + res
+        with torch.inference_mode():
+            out = ops.conv3x3_panels(x, u, bias, res)
+        composite = ops._conv3x3_panels_composite(x, u, bias, res)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        what = f"bias={bias is not None} residual={res is not None}"
+        _assert_close_rule(out, same, ref, torch.float32, what)
+        _assert_close_rule(composite, same, ref, torch.float32, "composite " + what)
+
+
+@native
+def test_conv3x3_panels_opcheck_compile_and_bad_inputs():
+    x, w, b, r = _conv_panel_case((2, 5, 32, 3, 4), 12)
+    u = ops.conv3x3_panel_weight(w)
+    op = torch.ops.ddpm_fast.conv3x3_panels.default
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        for args in ((xx, u, b, r), (xx, u, None, None)):
+            torch.library.opcheck(op, args)
+    torch._dynamo.reset()
+    fn = lambda x, r: ops.conv3x3_panels(x, u, b, r) * 2  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, r), fn(x, r))
+    cases = [
+        (lambda: op(x, u[:, :5], None, None), RuntimeError, "weight must be"),
+        (lambda: ops.conv3x3_panels(x, u[..., :8]), ValueError, "conv3x3_panel_weight"),
+        (lambda: ops.conv3x3_panels(x[:, :4], u), ValueError, r"9 C_in=36"),
+        (lambda: ops.conv3x3_panels(x[0], u), ValueError, "4-D"),
+        (lambda: ops.conv3x3_panels(x.double(), u), ValueError, "float32"),
+        (lambda: ops.conv3x3_panels(x.bfloat16(), u.bfloat16()), ValueError, "float32"),
+        (lambda: op(x, u.double(), None, None), RuntimeError, "weight has dtype"),
+        (lambda: ops.conv3x3_panels(x, u, b[:16]), ValueError, r"bias must have shape \(32\)"),
+        (lambda: ops.conv3x3_panels(x, u, None, r[:, :16]), ValueError, "residual must have"),
+        (lambda: ops.conv3x3_panels(x, u, None, r.int()), ValueError, "residual"),
+        (lambda: ops.conv3x3_panel_weight(torch.randn(20, 4, 3, 3)), ValueError, "multiple of 16"),
+        (lambda: ops.conv3x3_panel_weight(torch.randn(16, 4, 1, 1)), ValueError, "3, 3"),
+        (lambda: ops.conv3x3_panel_weight(torch.ones(16, 4, 3, 3, dtype=torch.int64)), TypeError, "floating-point"),
+    ]
+    for fn_, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            fn_()
+    with pytest.raises(ValueError, match="device"):
+        ops.conv3x3_panels(x, u, torch.randn(32, device="meta"))
+    # No input channels: the bias plus the residual (F.conv2d itself returns no output channels there).
+    empty = ops.conv3x3_panel_weight(torch.randn(32, 0, 3, 3))
+    out = ops.conv3x3_panels(x[:, :0], empty, b, r)
+    assert torch.equal(out, b.view(1, -1, 1, 1) + r) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_conv3x3_panels_threads_split_the_panels(threads):
+    """Any thread count gives the one-thread result bit for bit (each output column by one thread, one order)."""
+    x, w, b, r = _conv_panel_case((1, 11, 80, 4, 4), 5)  # 5 panels
+    u = ops.conv3x3_panel_weight(w)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.conv3x3_panels(x, u, b, r)
+        torch.set_num_threads(threads)
+        assert torch.equal(ops.conv3x3_panels(x, u, b, r), one)
     finally:
         torch.set_num_threads(previous)
 

@@ -20,6 +20,8 @@ from .utils.warn import warn_once
 __all__ = [
     "ArgumentError",
     "attention",
+    "conv3x3_panel_weight",
+    "conv3x3_panels",
     "conv3x3_winograd",
     "cpu_memory_stats",
     "empty_cpu_cache",
@@ -476,6 +478,44 @@ def _panel_linear_composite(x, weight, bias, other):
     return y if other is None else y + other
 
 
+def conv3x3_panel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(C_out / 16, 9 C_in, 16)`` float32 column panels of a ``(C_out, C_in, 3, 3)`` convolution weight, as
+    :func:`conv3x3_panels` takes it (prepare it once per weight): :func:`panel_weight` of the ``(C_out, 9 C_in)``
+    matrix whose columns follow the im2col rows' ``(kh, kw, c)`` order. C_out must be a multiple of 16."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or weight.shape[2:] != (3, 3) or weight.shape[0] % PANEL:
+        raise ValueError(
+            f"weight must be (C_out, C_in, 3, 3) with C_out a multiple of {PANEL}, got shape {tuple(weight.shape)}"
+        )
+    return panel_weight(weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1))
+
+
+def conv3x3_panels(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, padding=1) + residual`` (3x3, stride 1) for ``weight = conv3x3_panel_weight(w)``, one
+    call: the panel GEMM (:func:`panel_linear`) over ``x``'s im2col rows, built inside the op. ``x`` is
+    ``(N, C_in, H, W)`` float32, any memory format (channels_last avoids a copy), ``bias`` ``(C_out,)``,
+    ``residual`` ``(N, C_out, H, W)``; returns a channels_last ``(N, C_out, H, W)`` float32 tensor.
+
+    Meant for few pixels (the UNet's 4x4 level at batch 1), where the convolution waits on its weight coming from
+    memory; with more, Winograd or oneDNN are faster."""
+    if x.device.type == "cpu" and _native_covers(x, weight, bias, residual, any_dtype=True):
+        return _run_native("conv3x3_panels", x, weight, bias, residual)
+    return _conv3x3_panels_composite(x, weight, bias, residual)
+
+
+def _conv3x3_panels_composite(x, weight, bias, residual):
+    """The same convolution in PyTorch ops (any device, autograd), its weight unpacked from the panels."""
+    o, c = weight.shape[0] * weight.shape[2], weight.shape[1] // 9
+    w = weight.transpose(1, 2).reshape(o, 3, 3, c).permute(0, 3, 1, 2)  # back to (C_out, C_in, 3, 3)
+    y = F.conv2d(x, w, bias, padding=1)
+    if residual is not None:
+        y = y + residual
+    return y.contiguous(memory_format=torch.channels_last)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Fake kernels: output metadata exactly as the native kernels produce it. They also run when a real tensor on the
 # meta device is mixed with CPU tensors (the dispatcher then picks the Meta kernel): refuse that with the real
@@ -534,6 +574,12 @@ def _register_fakes() -> None:
     def _(x, weight, bias, other):
         _same_device("panel_linear", "x", x, weight=weight, bias=bias, other=other)
         return x.new_empty((x.shape[0], weight.shape[0] * weight.shape[2]))
+
+    @torch.library.register_fake("ddpm_fast::conv3x3_panels")
+    def _(x, weight, bias, residual):
+        _same_device("conv3x3_panels", "x", x, weight=weight, bias=bias, residual=residual)
+        out = weight.shape[0] * weight.shape[2]
+        return x.new_empty((x.shape[0], out, x.shape[2], x.shape[3])).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("ddpm_fast::scheduler_step")
     def _(model_output, sample, noise, a_x, a_e, c0, c1, c2, noise_scale, clip_range):

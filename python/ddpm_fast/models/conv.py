@@ -11,7 +11,8 @@ picks one of
   is the same GEMM over the 9 shifted copies of the input (im2col, ``(N*H*W, 9C) @ (9C, O)``, the weight reordered
   once). There the convolution is bound by reading its weight, which Winograd makes 16/9 larger, and one GEMM
   (oneDNN's packed linear, :mod:`~ddpm_fast.models.linear`, else ``addmm``) costs less than oneDNN's per-call
-  convolution overhead;
+  convolution overhead; a 3x3 one of at most ``linear.PANEL_MAX_ROWS`` pixels runs as one op,
+  :func:`ddpm_fast.ops.conv3x3_panels` (the panel GEMM over im2col rows it builds itself);
 * ``"taps"``: fp32 3x3 stride-1 CPU convolutions with at most ``TAPS_MAX_OUT_CHANNELS`` outputs (the UNet's
   ``conv_out`` to RGB): one GEMM of the channels_last pixels against all nine taps' weights, ``(N*H*W, C) @ (C, 9*O)``,
   then the nine shifted slices of that product summed. oneDNN's kernels use few of their vector lanes on so few
@@ -203,6 +204,14 @@ def _gemm(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
+def _panels(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether a "gemm" convolution runs as :func:`~ddpm_fast.ops.conv3x3_panels`: 3x3, whole output panels, few
+    pixels (:func:`~ddpm_fast.models.linear.panel_rows`). The op builds the im2col rows itself, where the GEMM
+    over them in Python takes a padded copy, a strided gather and views around it."""
+    n, _, h, w = x.shape
+    return conv.kernel_size == (3, 3) and conv.out_channels % ops.PANEL == 0 and linear.panel_rows(n * h * w)
+
+
 def _taps(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (
         conv.kernel_size == (3, 3)
@@ -373,10 +382,16 @@ class Conv2d(nn.Conv2d):
 
     def _gemm(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         """1x1 or 3x3 convolution of channels_last ``x`` as one GEMM of its (im2col) rows, ``(N*H*W, K) @ (K, O)``,
-        + bias, + other (on oneDNN's packed linear where it takes the rows, else ``addmm``); the result is
-        channels_last."""
+        + bias, + other (a 3x3 one of few pixels on :func:`~ddpm_fast.ops.conv3x3_panels`, else on oneDNN's packed
+        linear where it takes the rows, else ``addmm``); the result is channels_last."""
         n, c, h, w = x.shape
         o = self.out_channels
+        if _panels(self, x):
+            fast_path.note("linear:panel")
+            panels = self._prepared.get(
+                ("gemm", "panel"), (self.weight,), lambda: ops.conv3x3_panel_weight(self.weight)
+            )
+            return ops.conv3x3_panels(x, panels, self.bias, other)
         if self.kernel_size == (1, 1):
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
         else:  # rows of the 3x3 neighbourhoods in (kh, kw, c) order, which the reordered weight's rows follow

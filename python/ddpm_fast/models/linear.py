@@ -10,7 +10,9 @@ is internal to PyTorch: it is probed once against ``F.linear``; where the probe 
 Up to ``PANEL_MAX_ROWS`` rows (the 4x4 level at batch 1) the product instead runs on ddpm_fast's
 :func:`~ddpm_fast.ops.panel_linear`, which reads a weight prepared once as column panels front to back: there
 the GEMM waits on the weight coming from memory, and oneDNN's blocked walk over it streamed at about half the
-rate (bench/results/). Used where the AVX-512 kernels run (the build measured; its AVX2 kernel is not).
+rate (bench/results/). Used where the AVX-512 kernels run (the build measured; its AVX2 kernel is not). A 3x3
+convolution of that many pixels runs on it as one op, :func:`~ddpm_fast.ops.conv3x3_panels`, which builds its
+im2col rows itself (``Conv2d``'s "gemm" path).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ import torch.nn.functional as F
 from .. import _native, fast_path, ops
 from .prepared import PreparedCache, trackable
 
-__all__ = ["packed_linear", "packed_linear_supported", "panel_supported", "PACKED_LINEAR_MIN_ROWS", "PANEL_MAX_ROWS"]
+__all__ = [
+    "packed_linear",
+    "packed_linear_supported",
+    "panel_rows",
+    "panel_supported",
+    "PACKED_LINEAR_MIN_ROWS",
+    "PANEL_MAX_ROWS",
+]
 
 # Below this many rows (the time embedding's batch-size GEMMs) the packed op was slower than addmm.
 PACKED_LINEAR_MIN_ROWS = 16
@@ -76,6 +85,12 @@ def panel_supported() -> bool:
     return _native.cpu_isa() == "AVX512"
 
 
+def panel_rows(m: int) -> bool:
+    """Whether a GEMM of ``m`` rows runs on the panel GEMM: PACKED_LINEAR_MIN_ROWS to PANEL_MAX_ROWS rows (the
+    range measured), where :func:`panel_supported`."""
+    return PACKED_LINEAR_MIN_ROWS <= m <= PANEL_MAX_ROWS and panel_supported()
+
+
 def _panels(weight: torch.Tensor) -> torch.Tensor | None:
     """The panel copy of an (out, in) weight, None when ``out`` is not a whole number of panels."""
     return ops.panel_weight(weight) if weight.shape[0] % ops.PANEL == 0 else None
@@ -109,7 +124,7 @@ def packed_linear(
     ``sources`` (the parameters it depends on), packed once (per row count for oneDNN) into ``cache`` under
     ``key``."""
     m = rows.shape[0]
-    if m <= PANEL_MAX_ROWS and panel_supported():
+    if panel_rows(m):
         panels = cache.get((*key, "panel"), sources, lambda: _panels(weight().detach()))
         if panels is not None:
             fast_path.note("linear:panel")
