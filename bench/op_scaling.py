@@ -19,17 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import ddpm_fast
 from ddpm_fast.bench import common, engines
-
-
-def _model_and_inputs(arch: str, batch: int):
-    cfg = common.ARCHS[arch]["unet"]
-    unet = ddpm_fast.UNet2DModel(**cfg)
-    unet.load_state_dict(engines.random_state(cfg, 0))
-    size = cfg["sample_size"]
-    x = torch.randn(batch, cfg["in_channels"], size, size, generator=torch.Generator().manual_seed(1))
-    return unet.eval(), x, torch.full((batch,), 500, dtype=torch.long)
 
 
 def _profiled_forward(fn) -> dict[tuple[str, str], tuple[float, int]]:
@@ -43,7 +33,7 @@ def _profiled_forward(fn) -> dict[tuple[str, str], tuple[float, int]]:
 
 
 def measure(arch: str, batch: int, threads: int, rounds: int, flush_mb: int) -> dict:
-    unet, x, t = _model_and_inputs(arch, batch)
+    unet, x, t = engines.cpu_unet_and_inputs(arch, batch)
     flush = torch.ones(flush_mb * 2**20 // 4)
     counts = (1, threads)
     per_op: dict[int, dict[tuple[str, str], list[float]]] = {n: {} for n in counts}  # ms per round

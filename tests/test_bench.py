@@ -425,3 +425,22 @@ def test_op_scaling_script_writes_its_rows(tmp_path):
     assert losses == sorted(losses, reverse=True)
     with pytest.raises(SystemExit):
         module.main(["--threads", "1"])
+
+
+@pytest.mark.skipif(not ddpm_fast.ops.native_available(), reason="needs the native kernels")
+def test_replay_overhead_script_writes_its_times(tmp_path):
+    """bench/replay_overhead.py on the tiny UNet: every candidate timed in every round, the graph's op and view
+    counts, the stubbed graphs cheaper than the real one (they run no kernel), the thread count restored after."""
+    module = _bench_script("replay_overhead")
+    out = tmp_path / "replay.json"
+    before = torch.get_num_threads()
+    module.main(["--arch", "tiny", "--rounds", "3", "--json", str(out)])
+    assert torch.get_num_threads() == before
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python bench/replay_overhead.py --arch tiny")
+    names = {"forward", "graph", "graph_views_only", "graph_python_only", "state_check"}
+    assert set(report["ms"]) == names and all(len(v) == 3 for v in report["ms"].values())
+    assert 0 < report["graph_view_ops"] < report["graph_ops"] and report["graph_constants"] > 0
+    m = report["ms_median"]
+    assert m["graph_python_only"] < m["graph"] and m["graph_views_only"] < m["graph"]
+    assert report["views_ms"] == pytest.approx(m["graph_views_only"] - m["graph_python_only"])

@@ -274,9 +274,10 @@ def test_recording_under_inference_mode_keeps_the_eager_ops():
 
 
 def test_replay_calls_each_op_through_its_cpp_entry_point(monkeypatch):
-    """The recorded graph calls every op overload straight through ``overload._op`` and holds its constants as
-    plain attributes; it prints as recorded, and a plan recorded without that rewrite (the op overloads called from
-    Python, the constants read through ``nn.Module.__getattr__``) gives the same output bit for bit."""
+    """The recorded graph calls its view ops as Tensor methods and every other op overload straight through
+    ``overload._op``, and holds its constants as plain attributes; its overloads print as recorded, and a plan
+    recorded without that rewrite (the op overloads called from Python, the constants read through
+    ``nn.Module.__getattr__``) gives the same output bit for bit."""
     from ddpm_fast.models import plans
 
     x = torch.randn(1, 3, 16, 16)
@@ -291,6 +292,8 @@ def test_replay_calls_each_op_through_its_cpp_entry_point(monkeypatch):
     assert all(t.func is t.overload._op and str(t) == str(t.overload) for t in wrapped)
     assert "ddpm_fast.group_norm_silu.default" in {str(t) for t in wrapped}
     assert "torch.ops." not in graph.code
+    methods = {n.target for n in graph.graph.nodes if n.op == "call_method"}
+    assert methods and methods <= set(plans._VIEW_METHODS.values())
     constants = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
     assert constants and all(name in vars(graph) for name in constants)
     assert not dict(graph.named_parameters()) and not dict(graph.named_buffers())
@@ -304,5 +307,6 @@ def test_replay_calls_each_op_through_its_cpp_entry_point(monkeypatch):
     assert paths_py[2]["plan:replay"] == 1
     (graph_py,) = through_python._plans.graphs()
     assert any(isinstance(n.target, torch._ops.OpOverload) for n in graph_py.graph.nodes)
+    assert not any(n.op == "call_method" for n in graph_py.graph.nodes)
     assert dict(graph_py.named_parameters())
     assert torch.equal(outs_py[2], outs[2]) and torch.equal(outs[2], outs[0])

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from .common import ARCHS
+
 VARIANTS: dict[str, str] = {
     "diffusers_eager": "diffusers UNet2DModel, eager",
     "diffusers_channels_last": "diffusers UNet2DModel, channels_last weights",
@@ -107,6 +109,19 @@ def random_state(arch_config: dict[str, Any], seed: int) -> dict[str, torch.Tens
 
         model = ddpm_fast.UNet2DModel(**arch_config)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def cpu_unet_and_inputs(arch: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """ddpm_fast's UNet of ``arch`` on :func:`random_state`'s weights (seed 0), in eval mode, with the input the CPU
+    scripts in bench/ time: a ``randn`` sample (generator seed 1) and timestep 500 for every image."""
+    import ddpm_fast
+
+    cfg = ARCHS[arch]["unet"]
+    unet = ddpm_fast.UNet2DModel(**cfg)
+    unet.load_state_dict(random_state(cfg, 0))
+    size = cfg["sample_size"]
+    x = torch.randn(batch, cfg["in_channels"], size, size, generator=torch.Generator().manual_seed(1))
+    return unet.eval(), x, torch.full((batch,), 500, dtype=torch.long)
 
 
 def _diffusers_unet(src: Source, *, dtype: torch.dtype | None = None, device: torch.device | None = None):

@@ -128,14 +128,32 @@ class _Direct(functools.partial):
     __str__ = __repr__
 
 
+# View ops whose Tensor method takes the overload's arguments in the same order: PyTorch's Python argument parser
+# (a method call) costs less than the boxed call of even an overload's C++ entry point, and a forward has ~250.
+_VIEW_METHODS = {
+    torch.ops.aten.view.default: "view",
+    torch.ops.aten.permute.default: "permute",
+    torch.ops.aten.transpose.int: "transpose",
+    torch.ops.aten.unfold.default: "unfold",
+    torch.ops.aten.select.int: "select",
+    torch.ops.aten.t.default: "t",
+    torch.ops.aten.unsqueeze.default: "unsqueeze",
+    torch.ops.aten.expand.default: "expand",
+    torch.ops.aten.as_strided.default: "as_strided",
+}
+
+
 def _for_replay(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``graph`` making the same calls on the same operands with less Python around each: every op overload wrapped
-    in :class:`_Direct`, and every constant it reads (the parameters, the prepared weights) a plain instance
-    attribute, read from the instance dict instead of through ``nn.Module.__getattr__``."""
+    """``graph`` making the same calls on the same operands with less Python around each: the view ops of
+    ``_VIEW_METHODS`` as Tensor method calls, every other op overload wrapped in :class:`_Direct`, and every
+    constant it reads (the parameters, the prepared weights) a plain instance attribute, read from the instance
+    dict instead of through ``nn.Module.__getattr__``."""
     if not direct_replay():
         return graph
     for node in graph.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        if node.op == "call_function" and node.target in _VIEW_METHODS and not node.kwargs:
+            node.op, node.target = "call_method", _VIEW_METHODS[node.target]
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             node.target = _Direct(node.target)
         elif node.op == "get_attr":
             for store in (graph._parameters, graph._buffers):
