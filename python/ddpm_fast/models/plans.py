@@ -5,10 +5,10 @@ which prepared copy, which memory format) costs as much as a large share of the 
 ops one forward actually ran (``make_fx`` in real mode: the aten, oneDNN and ddpm_fast ops with the prepared
 weights as constants) and replays that op list on later calls with inputs of the same shapes, dtypes and
 strides, under the same :mod:`~ddpm_fast.fast_path` policy. A replay runs the same kernels on the same operands,
-so its output equals the eager forward's bit for bit. The replay calls each op through its C++ entry point
-(:class:`_Direct`) and reads its constants as plain attributes (:func:`_for_replay`): ``OpOverload.__call__``'s
-Python frame and ``nn.Module.__getattr__`` cost about a microsecond or more each, for each of a batch-1 forward's
-~570 ops and ~270 constants.
+so its output equals the eager forward's bit for bit. The replay calls its view ops as Tensor methods, every
+other op through its C++ entry point (:class:`_Direct`), and reads its constants as plain attributes
+(:func:`_for_replay`): ``OpOverload.__call__``'s Python frame, an overload's boxed call and ``nn.Module.__getattr__``
+cost a microsecond or more each, for each of a batch-1 forward's ~450 ops and ~270 constants.
 
 A plan is only replayed while it is still the forward the model would run:
 
