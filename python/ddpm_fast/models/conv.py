@@ -389,7 +389,7 @@ class Conv2d(nn.Conv2d):
         if _panels(self, x):
             fast_path.note("linear:panel")
             panels = self._prepared.get(
-                ("gemm", "panel"), (self.weight,), lambda: ops.conv3x3_panel_weight(self.weight)
+                ("gemm", "conv3x3_panels"), (self.weight,), lambda: ops.conv3x3_panel_weight(self.weight)
             )
             return ops.conv3x3_panels(x, panels, self.bias, other)
         if self.kernel_size == (1, 1):
