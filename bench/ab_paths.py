@@ -27,12 +27,12 @@ round's time being their median.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -118,27 +118,26 @@ def main() -> None:
     else:
         times, outs = _in_process_rounds(args)
     ratios = [off / on for on, off in zip(times["on"], times["off"])]
-    report = {
-        "command": "python bench/ab_paths.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
-        "environment": common.environment("cpu"),
-        "choice": args.choice,
-        "arch": args.arch,
-        "batch": args.batch,
-        "unit": "ms per UNet forward",
-        "ms": times,
-        "ms_median": {k: statistics.median(v) for k, v in times.items()},
-        "speedup_of_on": statistics.median(times["off"]) / statistics.median(times["on"]),
-        "speedup_of_on_per_round": statistics.median(ratios),
-        "max_abs_diff": (outs["on"] - outs["off"]).abs().max().item(),
-    }
+    report = common.script_report(
+        "ab_paths",
+        " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
+        "ms per UNet forward",
+        choice=args.choice,
+        arch=args.arch,
+        batch=args.batch,
+        ms=times,
+        ms_median={k: statistics.median(v) for k, v in times.items()},
+        speedup_of_on=statistics.median(times["off"]) / statistics.median(times["on"]),
+        speedup_of_on_per_round=statistics.median(ratios),
+        max_abs_diff=(outs["on"] - outs["off"]).abs().max().item(),
+    )
     print(
         f"{args.choice} {args.arch} b{args.batch}: on {report['ms_median']['on']:.2f} ms, "
         f"off {report['ms_median']['off']:.2f} ms, on is {report['speedup_of_on']:.3f}x "
         f"(per round {report['speedup_of_on_per_round']:.3f}x), max|d| {report['max_abs_diff']:.1e}"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        common.write_json(Path(args.json), report)
 
 
 def _in_process_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:

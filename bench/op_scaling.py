@@ -11,10 +11,10 @@ round also times one forward without it (the wall times and their speedup). Medi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -108,14 +108,9 @@ def main(argv: list[str] | None = None) -> None:
             f"x{row['calls']:<3d} {row['op'][:34]:34s} {row['input_shapes'][:90]}"
         )
     if args.json:
-        report = {
-            "command": "python bench/op_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "environment": common.environment("cpu"),
-            "unit": "ms per forward, medians over rounds (op rows: profiler self time, summed over the op's calls)",
-            **report,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        unit = "ms per forward, medians over rounds (op rows: profiler self time, summed over the op's calls)"
+        arguments = " ".join(sys.argv[1:] if argv is None else argv)
+        common.write_json(Path(args.json), common.script_report("op_scaling", arguments, unit, **report))
 
 
 if __name__ == "__main__":

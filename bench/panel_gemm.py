@@ -10,9 +10,9 @@ with the caches flushed) and once more straight after ("warm"). Medians, per-rou
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -126,14 +126,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     if args.json:
-        report = {
-            "command": "python bench/panel_gemm.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
-            "environment": common.environment("cpu"),
-            "unit": "us per call, medians over rounds",
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        arguments = " ".join(f"--{k} {v}" for k, v in vars(args).items() if v)
+        report = common.script_report("panel_gemm", arguments, "us per call, medians over rounds", results=rows)
+        common.write_json(Path(args.json), report)
 
 
 if __name__ == "__main__":

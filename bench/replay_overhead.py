@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -121,14 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         f"state check {m['state_check']:.3f} ms"
     )
     if args.json:
-        report = {
-            "command": "python bench/replay_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "environment": common.environment("cpu"),
-            "unit": "ms per call, medians over rounds",
-            **report,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        arguments = " ".join(sys.argv[1:] if argv is None else argv)
+        report = common.script_report("replay_overhead", arguments, "ms per call, medians over rounds", **report)
+        common.write_json(Path(args.json), report)
 
 
 if __name__ == "__main__":

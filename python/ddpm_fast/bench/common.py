@@ -493,6 +493,16 @@ def new_report(
     }
 
 
+def script_report(script: str, arguments: str, unit: str, **fields: Any) -> dict[str, Any]:
+    """The envelope of a bench/ script's JSON (bench/<script>.py): its command, the CPU environment, the unit."""
+    return {
+        "command": f"python bench/{script}.py {arguments}".rstrip(),
+        "environment": environment("cpu"),
+        "unit": unit,
+        **fields,
+    }
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically (a run cut short leaves the last complete file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
