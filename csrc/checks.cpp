@@ -29,6 +29,16 @@ void check_like(const char* op, const char* name, const Tensor& t, const char* r
                   " but ", ref_name, " has dtype ", dtype_str(dtype_of(ref)), " (dtypes must match)");
 }
 
+// The fp32-only ops' main input: x on `device`, float32, of rank `dim` (described as `shape`); weight like x.
+void check_float32_input(const char* op, const Tensor& x, int64_t dim, const char* shape, const Tensor& weight,
+                         DeviceType device) {
+  check_main(op, "x", x, device);
+  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
+                  "; only float32 is supported");
+  DDPM_FAST_CHECK(x.dim() == dim, op, ": x must be ", shape, ", got shape ", sizes_str(x.sizes()));
+  check_like(op, "weight", weight, "x", x);
+}
+
 // An optional per-output-channel bias: like x, shape (n).
 void check_bias(const char* op, const std::optional<Tensor>& bias, const Tensor& x, int64_t n) {
   if (!bias.has_value()) return;
@@ -191,11 +201,7 @@ void check_step_table_index(int64_t index, int64_t rows) {
 void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                             const std::optional<Tensor>& residual, double output_scale, DeviceType device) {
   constexpr const char* op = "conv3x3_winograd";
-  check_main(op, "x", x, device);
-  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
-                  "; only float32 is supported");
-  DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", sizes_str(x.sizes()));
-  check_like(op, "weight", weight, "x", x);
+  check_float32_input(op, x, 4, "4-D (N, C, H, W)", weight, device);
   const bool planes_ok = weight.dim() >= 1 && (weight.size(0) == 16 || weight.size(0) == 36);
   const bool panels = weight.dim() == 4 && device == DeviceType::CPU;  // column panels (CPU only)
   DDPM_FAST_CHECK(planes_ok && ((weight.dim() == 3 && weight.size(1) == x.size(1)) ||
@@ -213,11 +219,7 @@ void check_conv3x3_winograd(const Tensor& x, const Tensor& weight, const std::op
 void check_panel_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                         const std::optional<Tensor>& other, DeviceType device) {
   constexpr const char* op = "panel_linear";
-  check_main(op, "x", x, device);
-  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
-                  "; only float32 is supported");
-  DDPM_FAST_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", sizes_str(x.sizes()));
-  check_like(op, "weight", weight, "x", x);
+  check_float32_input(op, x, 2, "2-D (M, K)", weight, device);
   DDPM_FAST_CHECK(weight.dim() == 3 && weight.size(1) == x.size(1) && weight.size(2) == 16, op,
                   ": weight must be the (N / 16, K=", x.size(1), ", 16) panels from ddpm_fast.ops.panel_weight, got shape ",
                   sizes_str(weight.sizes()));
@@ -233,11 +235,7 @@ void check_panel_linear(const Tensor& x, const Tensor& weight, const std::option
 void check_conv3x3_panels(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                           const std::optional<Tensor>& residual, DeviceType device) {
   constexpr const char* op = "conv3x3_panels";
-  check_main(op, "x", x, device);
-  DDPM_FAST_CHECK(dtype_of(x) == ScalarType::Float, op, ": x has dtype ", dtype_str(dtype_of(x)),
-                  "; only float32 is supported");
-  DDPM_FAST_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", sizes_str(x.sizes()));
-  check_like(op, "weight", weight, "x", x);
+  check_float32_input(op, x, 4, "4-D (N, C, H, W)", weight, device);
   DDPM_FAST_CHECK(weight.dim() == 3 && weight.size(1) == 9 * x.size(1) && weight.size(2) == 16, op,
                   ": weight must be the (C_out / 16, 9 C_in=", 9 * x.size(1),
                   ", 16) panels from ddpm_fast.ops.conv3x3_panel_weight, got shape ", sizes_str(weight.sizes()));
