@@ -9,6 +9,7 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
     python bench/ab_paths.py --choice direct_replay --batch 1 --rounds 61
     python bench/ab_paths.py --choice conv_panels --batch 1 --rounds 61
+    python bench/ab_paths.py --choice steady_model --batch 1 --rounds 41
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
@@ -17,7 +18,8 @@ packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of thei
 ``torch.cat``), ``conv_panels`` (the 4x4 level's 3x3 convolutions at batch 1 as one op, the panel GEMM over im2col
 rows it builds, off: the im2col rows built in Python and ``panel_linear``), ``direct_replay`` (a forward plan's replay
 calls each op through its C++ entry point and reads its constants as plain attributes, off: ``OpOverload.__call__``
-and ``nn.Module.__getattr__``), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's
+and ``nn.Module.__getattr__``), ``steady_model`` (DDPMPipeline's loop checks its UNet's state once per call, off: at
+every step; each timed call is a pipeline call of ``--steps`` steps, and the times are per step), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's
 allocator).
 The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
 processes (``DDPM_FAST_CPU_POOL_MB=0`` for off), each timing ``--calls`` forwards after three untimed ones, a
@@ -27,6 +29,7 @@ round's time being their median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -39,6 +42,7 @@ import torch
 import ddpm_fast
 from ddpm_fast.bench import common, engines
 from ddpm_fast.models import conv, linear, plans, resnet
+from ddpm_fast.pipelines import pipeline_ddpm
 
 PREDICATES = {
     "packed_linear": (linear, "usable"),
@@ -47,7 +51,10 @@ PREDICATES = {
     "conv_panels": (conv, "_panels"),
     "cat_free": (resnet, "cat_free"),
     "direct_replay": (plans, "direct_replay"),
+    "steady_model": (pipeline_ddpm, "steady_model"),
 }
+# What a choice is replaced by when off (default: a predicate that says no).
+OFF = {"steady_model": contextlib.nullcontext}
 CHOICES = [*PREDICATES, "pool"]
 
 
@@ -99,7 +106,7 @@ def _pool_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]
     return times, outs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--choice", choices=sorted(CHOICES), required=True)
     p.add_argument("--arch", default="cifar10-32", choices=sorted(common.ARCHS))
@@ -107,21 +114,26 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=5, help="pool: timed forwards per child process")
+    p.add_argument("--steps", type=int, default=10, help="steady_model: denoising steps per timed pipeline call")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one process of a pool round
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    if args.child:
-        return _child(args)
-    if args.choice == "pool":
-        times, outs = _pool_rounds(args)
-    else:
-        times, outs = _in_process_rounds(args)
+    try:
+        if args.child:
+            return _child(args)
+        if args.choice == "pool":
+            times, outs = _pool_rounds(args)
+        else:
+            times, outs = _in_process_rounds(args)
+    finally:
+        torch.set_num_threads(before)
     ratios = [off / on for on, off in zip(times["on"], times["off"])]
     report = common.script_report(
         "ab_paths",
         " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
-        "ms per UNet forward",
+        "ms per denoising step" if args.choice == "steady_model" else "ms per UNet forward",
         choice=args.choice,
         arch=args.arch,
         batch=args.batch,
@@ -146,25 +158,41 @@ def _in_process_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Te
     models = {setting: _model(cfg) for setting in ("on", "off")}
     times: dict[str, list[float]] = {k: [] for k in models}
     module, name = PREDICATES[args.choice]
-    real = getattr(module, name)
+    real, off = getattr(module, name), OFF.get(args.choice, lambda *a, **k: False)
 
     def use(setting: str) -> None:
-        setattr(module, name, real if setting == "on" else (lambda *a, **k: False))
+        setattr(module, name, real if setting == "on" else off)
 
+    if args.choice == "steady_model":  # a pipeline call of --steps steps, timed per step
+        pipes = {k: ddpm_fast.DDPMPipeline(unet=m, scheduler=ddpm_fast.DDPMScheduler()) for k, m in models.items()}
+        for pipe in pipes.values():
+            pipe.set_progress_bar_config(disable=True)
+
+        def call(setting: str) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(0)
+            return pipes[setting](args.batch, gen, args.steps, output_type="pt").images
+
+        per_call = args.steps
+    else:
+
+        def call(setting: str) -> torch.Tensor:
+            return models[setting](x, t).sample
+
+        per_call = 1
     outs = {}
     with torch.inference_mode():
-        for setting, unet in models.items():
+        for setting in models:
             use(setting)
             for _ in range(3):  # eager, record, replay
-                outs[setting] = unet(x, t).sample
-        for _ in range(args.rounds):
-            for setting, unet in models.items():
+                outs[setting] = call(setting)
+        for r in range(args.rounds):
+            for setting in models if r % 2 == 0 else reversed(list(models)):
                 use(setting)
                 flush.sum()  # a read, so that no dirty lines are written back during the timed call
                 time.sleep(0.05)
                 start = time.perf_counter()
-                unet(x, t)
-                times[setting].append((time.perf_counter() - start) * 1e3)
+                outs[setting] = call(setting)
+                times[setting].append((time.perf_counter() - start) * 1e3 / per_call)
     use("on")
     return times, outs
 

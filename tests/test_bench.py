@@ -444,3 +444,21 @@ def test_replay_overhead_script_writes_its_times(tmp_path):
     m = report["ms_median"]
     assert m["graph_python_only"] < m["graph"] and m["graph_views_only"] < m["graph"]
     assert report["views_ms"] == pytest.approx(m["graph_views_only"] - m["graph_python_only"])
+
+
+@pytest.mark.parametrize("choice", ["steady_model", "cat_free"])
+def test_ab_paths_script_times_both_settings(tmp_path, choice):
+    """bench/ab_paths.py on the tiny UNet: both settings timed in every round, the same outputs either way, the
+    choice's real value restored after."""
+    module = _bench_script("ab_paths")
+    target, name = module.PREDICATES[choice]
+    real = getattr(target, name)
+    out = tmp_path / "ab.json"
+    args = ["--choice", choice, "--arch", "tiny", "--batch", "2", "--rounds", "2", "--steps", "2", "--json", str(out)]
+    module.main(args)
+    assert getattr(target, name) is real
+    report = json.loads(out.read_text())
+    assert report["command"].startswith(f"python bench/ab_paths.py --choice {choice} --arch tiny")
+    assert all(len(report["ms"][k]) == 2 and min(report["ms"][k]) > 0 for k in ("on", "off"))
+    assert report["unit"] == ("ms per denoising step" if choice == "steady_model" else "ms per UNet forward")
+    assert report["max_abs_diff"] < 1e-5

@@ -259,6 +259,84 @@ def test_pipeline_steps_replay_one_plan():
     assert torch.equal(images.images, eager.images)
 
 
+def _count_state_checks(monkeypatch) -> list[int]:
+    from ddpm_fast.models import plans
+
+    checks = [0]
+    real = plans._State.current
+
+    def counted(self):
+        checks[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(plans._State, "current", counted)
+    return checks
+
+
+def test_steady_model_checks_the_state_once_per_block(monkeypatch):
+    """Inside steady_model() a replaying model checks its state at its first call only; outside, at every call."""
+    from ddpm_fast.models.plans import steady_model
+
+    model, other = _model(), _model(seed=1)
+    x, t = torch.randn(1, 3, 16, 16), 7
+    _replaying(model, x, t)
+    _replaying(other, x, t)
+    checks = _count_state_checks(monkeypatch)
+    with torch.no_grad():
+        _calls(model, x, t, n=3)
+        assert checks[0] == 3
+        checks[0] = 0
+        with steady_model():
+            outs, paths = _calls(model, x, t, n=3)
+            _calls(other, x, t, n=2)  # each model keeps its own record
+            assert checks[0] == 2
+        assert all(p["plan:replay"] == 1 for p in paths) and torch.equal(outs[2], _eager(model, x, t))
+        checks[0] = 0
+        _calls(model, x, t, n=2)  # the block's record is gone with it
+        assert checks[0] == 2
+
+
+@pytest.mark.parametrize("edit", _edits()[:2], ids=lambda f: f.__name__)
+def test_steady_model_blocks_see_changes_made_between_them(edit):
+    """A change between two steady blocks (between two pipeline calls) is seen by the next block's first call."""
+    from ddpm_fast.models.plans import steady_model
+
+    model = _model()
+    x, t = torch.randn(1, 3, 16, 16), 7
+    _replaying(model, x, t)
+    with torch.no_grad():
+        with steady_model():
+            before = model(x, t).sample
+        edit(model)
+        with steady_model():
+            after = model(x, t).sample
+            again = model(x, t).sample
+        assert not torch.equal(after, before)
+        assert torch.equal(after, _eager(model, x, t)) and torch.equal(again, after)
+
+
+def test_pipeline_checks_the_model_once_per_call(monkeypatch):
+    """DDPMPipeline's denoising loop runs in steady_model(): one state check per call, not one per step; a weight
+    changed between two calls is seen by the second."""
+    model = _model()
+    pipe = ddpm_fast.DDPMPipeline(unet=model, scheduler=ddpm_fast.DDPMScheduler(num_train_timesteps=50))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(batch_size=1, num_inference_steps=6, generator=torch.Generator().manual_seed(3), output_type="pt")
+
+    run()  # eager, record, replays
+    checks = _count_state_checks(monkeypatch)
+    first = run().images
+    assert checks[0] == 1
+    with torch.no_grad():
+        model.conv_out.weight.mul_(2.0)
+    second = run().images
+    with fast_path.cpu_plans(False):
+        eager = run().images
+    assert torch.equal(second, eager) and not torch.equal(second, first)
+
+
 def test_recording_under_inference_mode_keeps_the_eager_ops():
     """Recorded inside inference mode, make_fx would take other decompositions (nearest upsampling as an index
     op); the plan records outside it, so its graph holds the ops the eager forward runs."""

@@ -18,8 +18,11 @@ A plan is only replayed while it is still the forward the model would run:
 * every call checks that every module still holds the same children, parameters and buffers (by identity),
   that no parameter or buffer changed (data pointer, version counter, uses of ``.data``:
   :mod:`~ddpm_fast.models.prepared`), that every module is in eval mode and that no forward hook is registered,
-  on a submodule or globally (about 0.2 ms for the cifar10-32 UNet); any difference drops the plans and the call
-  runs eagerly (and records again on the next one).
+  on a submodule or globally; any difference drops the plans and the call runs eagerly (and records again on the
+  next one). The check touches every module and tensor object, which a forward's weights have pushed out of the
+  caches: a visible share of a batch-1 forward (``bench/replay_overhead.py``). Inside :func:`steady_model` (the
+  pipelines' denoising loops, where nothing runs between two steps that could change the model) each model's state
+  is checked at its first call in the block only.
 
 :func:`ddpm_fast.fast_path.use_cpu_plan` says when plans may be used at all (``DDPM_FAST_CPU_PLANS=0`` or
 ``with ddpm_fast.fast_path.cpu_plans(False)`` turns them off). A replay adds the paths its recording noted to an
@@ -28,11 +31,13 @@ active :func:`~ddpm_fast.fast_path.record_paths` block, so path counts read the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,9 +46,25 @@ from .. import fast_path
 from ..utils.warn import warn_once
 from .prepared import TrackedParameter, _signature, trackable
 
-__all__ = ["ForwardPlans"]
+__all__ = ["ForwardPlans", "steady_model"]
 
 _FAILED = object()  # recording raised: this signature runs eagerly from now on
+
+# Inside steady_model(): id(ForwardPlans) -> the _State found current at its first call in the block.
+_STEADY: contextvars.ContextVar[dict[int, "_State"] | None] = contextvars.ContextVar("ddpm_fast_steady", default=None)
+
+
+@contextlib.contextmanager
+def steady_model() -> Iterator[None]:
+    """``with steady_model(): ...``: the models called in the block (this thread or task only) do not change between
+    their calls, so each checks its state (:meth:`_State.current`) at its first call in the block only. For a
+    denoising loop, whose steps run the scheduler between two UNet calls and nothing that could touch the UNet;
+    nested blocks start their own record."""
+    token = _STEADY.set({})
+    try:
+        yield
+    finally:
+        _STEADY.reset(token)
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
@@ -97,6 +118,18 @@ class _State:
         if fast_path.global_forward_hooks():
             return False
         return self._layout() == self.layout and self._versions() == self.versions
+
+    def current_in(self, plans: "ForwardPlans") -> bool:
+        """:meth:`current`, taken as known inside :func:`steady_model` once it held for ``plans`` there."""
+        steady = _STEADY.get()
+        if steady is None:
+            return self.current()
+        if steady.get(id(plans)) is self:
+            return True
+        if self.current():
+            steady[id(plans)] = self
+            return True
+        return False
 
 
 def _trackable(model: nn.Module) -> bool:
@@ -216,7 +249,7 @@ class ForwardPlans:
         where one is current, otherwise eagerly (recording a plan when this signature was seen just before)."""
         key = (fast_path.current(), tuple(_meta(t) for t in inputs))
         state = self._state
-        if state is not None and not state.current():
+        if state is not None and not state.current_in(self):
             self.clear()  # the model changed: every plan may be stale
             state = None
         plan = self._plans.get(key) if state is not None else None

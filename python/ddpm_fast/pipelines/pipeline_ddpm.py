@@ -8,6 +8,7 @@ import torch
 
 from ..cuda_graphs import GraphCache, sample_with_graph
 from ..models import UNet2DModel
+from ..models.plans import steady_model
 from ..schedulers import DDIMScheduler, DDPMScheduler
 from ..utils.torch_utils import randn_tensor
 from .pipeline_utils import (
@@ -177,9 +178,10 @@ class DDPMPipeline(DiffusionPipeline):
         if graphed is not None:
             image = graphed
         else:
-            for t in self.progress_bar(self.scheduler.timesteps):
-                model_output = self.unet(image, t).sample
-                image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+            with steady_model():  # nothing between two steps can change the UNet: its plan checks it once
+                for t in self.progress_bar(self.scheduler.timesteps):
+                    model_output = self.unet(image, t).sample
+                    image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
