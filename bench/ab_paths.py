@@ -7,6 +7,7 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice taps --batch 1 --rounds 21
     python bench/ab_paths.py --choice cat_free --batch 16 --rounds 11
     python bench/ab_paths.py --choice pool --arch 256px --batch 1 --rounds 7
+    python bench/ab_paths.py --choice malloc_keep --arch 256px --batch 1 --rounds 7
     python bench/ab_paths.py --choice direct_replay --batch 1 --rounds 61
     python bench/ab_paths.py --choice conv_panels --batch 1 --rounds 61
     python bench/ab_paths.py --choice steady_model --batch 1 --rounds 41
@@ -19,11 +20,12 @@ packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of thei
 rows it builds, off: the im2col rows built in Python and ``panel_linear``), ``direct_replay`` (a forward plan's replay
 calls each op through its C++ entry point and reads its constants as plain attributes, off: ``OpOverload.__call__``
 and ``nn.Module.__getattr__``), ``steady_model`` (DDPMPipeline's loop checks its UNet's state once per call, off: at
-every step; each timed call is a pipeline call of ``--steps`` steps, and the times are per step), ``pool`` (the CPU kernels' memory pool, off: their outputs and scratch from torch's
-allocator).
-The pool is process state, and so is the C library's heap it spares: its rounds alternate between two child
-processes (``DDPM_FAST_CPU_POOL_MB=0`` for off), each timing ``--calls`` forwards after three untimed ones, a
-round's time being their median.
+every step; each timed call is a pipeline call of ``--steps`` steps, and the times are per step), ``pool`` (the CPU
+kernels' memory pool, off: their outputs and scratch from torch's allocator), ``malloc_keep`` (glibc told to keep
+freed blocks of any size for reuse, ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` as in ``MALLOC_KEEP``,
+so that torch's allocations above 32 MiB stop costing fresh zeroed pages; off: glibc's defaults).
+Both are process state (and the pool spares the C library's heap): their rounds alternate between two child
+processes, each timing ``--calls`` forwards after three untimed ones, a round's time being their median.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +58,10 @@ PREDICATES = {
 }
 # What a choice is replaced by when off (default: a predicate that says no).
 OFF = {"steady_model": contextlib.nullcontext}
-CHOICES = [*PREDICATES, "pool"]
+# Process-state choices, each the environment of its child processes (on, off).
+MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+CHILD_ENV = {"pool": ({}, {"DDPM_FAST_CPU_POOL_MB": "0"}), "malloc_keep": (MALLOC_KEEP, {})}
+CHOICES = [*PREDICATES, *CHILD_ENV]
 
 
 def _inputs(args) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -72,38 +78,43 @@ def _model(cfg: dict) -> ddpm_fast.UNet2DModel:
 
 
 def _child(args) -> None:
-    """One process's share of a ``pool`` round: ``--calls`` timed forwards; prints their median and the output."""
+    """One process's share of a ``pool`` / ``malloc_keep`` round: ``--calls`` timed forwards; saves their median, the
+    page faults per call (fresh pages the kernel had to map and zero) and the output."""
     cfg, x, t = _inputs(args)
     unet, flush = _model(cfg), torch.ones(600 * 2**20 // 4)
-    times = []
+    times, faults = [], []
     with torch.inference_mode():
         for i in range(3 + args.calls):
             flush.sum()
             time.sleep(0.05)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             out = unet(x, t).sample
             if i >= 3:
                 times.append((time.perf_counter() - start) * 1e3)
-    torch.save({"ms": statistics.median(times), "out": out}, args.child)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    torch.save({"ms": statistics.median(times), "faults": statistics.median(faults), "out": out}, args.child)
 
 
-def _pool_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+def _child_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor], dict[str, list[float]]]:
+    """Times, outputs and page faults per forward (per round) of a process-state choice."""
     times: dict[str, list[float]] = {"on": [], "off": []}
+    faults: dict[str, list[float]] = {"on": [], "off": []}
     outs: dict[str, torch.Tensor] = {}
-    result = f"/tmp/ab_paths_pool_{os.getpid()}.pt"
-    argv = [sys.executable, __file__, "--choice", "pool", "--arch", args.arch, "--batch", str(args.batch)]
+    result = f"/tmp/ab_paths_{args.choice}_{os.getpid()}.pt"
+    argv = [sys.executable, __file__, "--choice", args.choice, "--arch", args.arch, "--batch", str(args.batch)]
     argv += ["--threads", str(args.threads), "--calls", str(args.calls), "--child", result]
-    for _ in range(args.rounds):
-        for setting in ("on", "off"):
-            env = dict(os.environ)
-            if setting == "off":
-                env["DDPM_FAST_CPU_POOL_MB"] = "0"
-            subprocess.run(argv, env=env, check=True)
+    envs = dict(zip(("on", "off"), CHILD_ENV[args.choice]))
+    for r in range(args.rounds):
+        for setting in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            env = {k: v for k, v in os.environ.items() if k not in {*MALLOC_KEEP, "DDPM_FAST_CPU_POOL_MB"}}
+            subprocess.run(argv, env={**env, **envs[setting]}, check=True)
             got = torch.load(result)
             times[setting].append(got["ms"])
+            faults[setting].append(got["faults"])
             outs[setting] = got["out"]
     os.remove(result)
-    return times, outs
+    return times, outs, faults
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,20 +124,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--calls", type=int, default=5, help="pool: timed forwards per child process")
+    p.add_argument("--calls", type=int, default=5, help="pool, malloc_keep: timed forwards per child process")
     p.add_argument("--steps", type=int, default=10, help="steady_model: denoising steps per timed pipeline call")
     p.add_argument("--json", default=None)
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one process of a pool round
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one process of a child round
     args = p.parse_args(argv)
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         if args.child:
             return _child(args)
-        if args.choice == "pool":
-            times, outs = _pool_rounds(args)
+        if args.choice in CHILD_ENV:
+            times, outs, faults = _child_rounds(args)
         else:
-            times, outs = _in_process_rounds(args)
+            (times, outs), faults = _in_process_rounds(args), None
     finally:
         torch.set_num_threads(before)
     ratios = [off / on for on, off in zip(times["on"], times["off"])]
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         speedup_of_on=statistics.median(times["off"]) / statistics.median(times["on"]),
         speedup_of_on_per_round=statistics.median(ratios),
         max_abs_diff=(outs["on"] - outs["off"]).abs().max().item(),
+        **({"page_faults_per_forward": {k: statistics.median(v) for k, v in faults.items()}} if faults else {}),
     )
     print(
         f"{args.choice} {args.arch} b{args.batch}: on {report['ms_median']['on']:.2f} ms, "

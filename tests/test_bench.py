@@ -446,19 +446,24 @@ def test_replay_overhead_script_writes_its_times(tmp_path):
     assert report["views_ms"] == pytest.approx(m["graph_views_only"] - m["graph_python_only"])
 
 
-@pytest.mark.parametrize("choice", ["steady_model", "cat_free"])
+@pytest.mark.parametrize("choice", ["steady_model", "cat_free", "malloc_keep"])
 def test_ab_paths_script_times_both_settings(tmp_path, choice):
-    """bench/ab_paths.py on the tiny UNet: both settings timed in every round, the same outputs either way, the
-    choice's real value restored after."""
+    """bench/ab_paths.py on the tiny UNet: both settings timed in every round, the same outputs either way; an
+    in-process choice's real value restored after, a process-state one's page faults recorded per setting."""
     module = _bench_script("ab_paths")
-    target, name = module.PREDICATES[choice]
-    real = getattr(target, name)
+    patched = module.PREDICATES.get(choice)  # (module, attribute) an in-process choice replaces while off
+    real = patched and getattr(*patched)
     out = tmp_path / "ab.json"
-    args = ["--choice", choice, "--arch", "tiny", "--batch", "2", "--rounds", "2", "--steps", "2", "--json", str(out)]
-    module.main(args)
-    assert getattr(target, name) is real
+    rounds = 1 if choice in module.CHILD_ENV else 2
+    args = ["--choice", choice, "--arch", "tiny", "--batch", "2", "--rounds", str(rounds), "--steps", "2"]
+    module.main([*args, "--calls", "1", "--json", str(out)])
+    assert patched is None or getattr(*patched) is real
     report = json.loads(out.read_text())
     assert report["command"].startswith(f"python bench/ab_paths.py --choice {choice} --arch tiny")
-    assert all(len(report["ms"][k]) == 2 and min(report["ms"][k]) > 0 for k in ("on", "off"))
+    assert all(len(report["ms"][k]) == rounds and min(report["ms"][k]) > 0 for k in ("on", "off"))
     assert report["unit"] == ("ms per denoising step" if choice == "steady_model" else "ms per UNet forward")
     assert report["max_abs_diff"] < 1e-5
+    if choice in module.CHILD_ENV:
+        assert set(report["page_faults_per_forward"]) == {"on", "off"}
+    else:
+        assert "page_faults_per_forward" not in report
