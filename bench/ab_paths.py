@@ -11,6 +11,7 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice direct_replay --batch 1 --rounds 61
     python bench/ab_paths.py --choice conv_panels --batch 1 --rounds 61
     python bench/ab_paths.py --choice steady_model --batch 1 --rounds 41
+    python bench/ab_paths.py --choice own_gemm --batch 1 --rounds 11 --calls 5
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
@@ -23,8 +24,10 @@ and ``nn.Module.__getattr__``), ``steady_model`` (DDPMPipeline's loop checks its
 every step; each timed call is a pipeline call of ``--steps`` steps, and the times are per step), ``pool`` (the CPU
 kernels' memory pool, off: their outputs and scratch from torch's allocator), ``malloc_keep`` (glibc told to keep
 freed blocks of any size for reuse, ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` as in ``MALLOC_KEEP``,
-so that torch's allocations above 32 MiB stop costing fresh zeroed pages; off: glibc's defaults).
-Both are process state (and the pool spares the C library's heap): their rounds alternate between two child
+so that torch's allocations above 32 MiB stop costing fresh zeroed pages; off: glibc's defaults), ``own_gemm``
+(the kernels taken as on a CPU whose torch GEMM lacks AVX-512 kernels, ``DDPM_FAST_TORCH_GEMM_AVX512=0``: the Winograd
+planes and attention on our GEMM at every size, F(4x4) from 8 tiles; off: as on an Intel CPU, ``=1``).
+These are process state (and the pool spares the C library's heap): their rounds alternate between two child
 processes, each timing ``--calls`` forwards after three untimed ones, a round's time being their median.
 """
 
@@ -60,7 +63,12 @@ PREDICATES = {
 OFF = {"steady_model": contextlib.nullcontext}
 # Process-state choices, each the environment of its child processes (on, off).
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-CHILD_ENV = {"pool": ({}, {"DDPM_FAST_CPU_POOL_MB": "0"}), "malloc_keep": (MALLOC_KEEP, {})}
+OWN_GEMM = "DDPM_FAST_TORCH_GEMM_AVX512"
+CHILD_ENV = {
+    "pool": ({}, {"DDPM_FAST_CPU_POOL_MB": "0"}),
+    "malloc_keep": (MALLOC_KEEP, {}),
+    "own_gemm": ({OWN_GEMM: "0"}, {OWN_GEMM: "1"}),
+}
 CHOICES = [*PREDICATES, *CHILD_ENV]
 
 
@@ -78,7 +86,7 @@ def _model(cfg: dict) -> ddpm_fast.UNet2DModel:
 
 
 def _child(args) -> None:
-    """One process's share of a ``pool`` / ``malloc_keep`` round: ``--calls`` timed forwards; saves their median, the
+    """One process's share of a process-state choice's round: ``--calls`` timed forwards; saves their median, the
     page faults per call (fresh pages the kernel had to map and zero) and the output."""
     cfg, x, t = _inputs(args)
     unet, flush = _model(cfg), torch.ones(600 * 2**20 // 4)
@@ -107,7 +115,7 @@ def _child_rounds(args) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]
     envs = dict(zip(("on", "off"), CHILD_ENV[args.choice]))
     for r in range(args.rounds):
         for setting in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            env = {k: v for k, v in os.environ.items() if k not in {*MALLOC_KEEP, "DDPM_FAST_CPU_POOL_MB"}}
+            env = {k: v for k, v in os.environ.items() if k not in {*MALLOC_KEEP, "DDPM_FAST_CPU_POOL_MB", OWN_GEMM}}
             subprocess.run(argv, env={**env, **envs[setting]}, check=True)
             got = torch.load(result)
             times[setting].append(got["ms"])
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--calls", type=int, default=5, help="pool, malloc_keep: timed forwards per child process")
+    p.add_argument("--calls", type=int, default=5, help="pool, malloc_keep, own_gemm: timed forwards per child process")
     p.add_argument("--steps", type=int, default=10, help="steady_model: denoising steps per timed pipeline call")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one process of a child round

@@ -80,6 +80,8 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("limits") = limits;
   // Which CPU kernel build runs here ("AVX512", "AVX2" or "DEFAULT"); DDPM_FAST_CPU_ISA can force one.
   mod.def("cpu_isa", [] { return std::string(ddpm_fast::cpu::kernels().isa); });
+  // Whether torch's CPU GEMM has AVX-512 kernels here (MKL on an Intel CPU): which GEMM the Winograd planes use.
+  mod.def("torch_gemm_avx512", [] { return ddpm_fast::cpu::torch_gemm_avx512(); });
   // The CPU kernels' memory pool (csrc/cpu/pool.cpp): its counters, freeing what it caches, and its limit.
   mod.def("cpu_pool_stats", [] {
     const ddpm_fast::cpu::PoolStats s = ddpm_fast::cpu::pool_stats();

@@ -446,7 +446,7 @@ def test_replay_overhead_script_writes_its_times(tmp_path):
     assert report["views_ms"] == pytest.approx(m["graph_views_only"] - m["graph_python_only"])
 
 
-@pytest.mark.parametrize("choice", ["steady_model", "cat_free", "malloc_keep"])
+@pytest.mark.parametrize("choice", ["steady_model", "cat_free", "malloc_keep", "own_gemm"])
 def test_ab_paths_script_times_both_settings(tmp_path, choice):
     """bench/ab_paths.py on the tiny UNet: both settings timed in every round, the same outputs either way; an
     in-process choice's real value restored after, a process-state one's page faults recorded per setting."""

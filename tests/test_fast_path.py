@@ -423,18 +423,23 @@ def test_unet_runs_every_conv_packed_and_channels_last():
     # 65 convolutions; each resnet's conv2 runs through forward_fused (residual folded in), not __call__.
     # 47 are 3x3 stride-1 with >= 64 channels (44 in resnets, 3 upsamplers), and at batch 1 all of them have
     # enough tiles (WINOGRAD_MIN_TILES: 64 of 4x4 for F(4x4), 4 of 2x2 for F(2x2)): the 11 at 32x32 run as F(4x4),
-    # the 22 at 16x16 and 8x8 as F(2x2); the 14 at 4x4 (16 pixels: GEMM_3X3_MAX_PIXELS) and the 13 1x1 shortcuts
+    # the 22 at 16x16 and 8x8 as F(2x2) (where the planes run on our own GEMM, WINOGRAD_MIN_TILES_OWN_GEMM: the 11
+    # at 16x16, 16 tiles, as F(4x4) too); the 14 at 4x4 (16 pixels: GEMM_3X3_MAX_PIXELS) and the 13 1x1 shortcuts
     # (at most 32x32 = GEMM_1X1_MAX_PIXELS pixels) run as one GEMM each; conv_out (3 outputs) as "taps"; conv_in
     # and the 3 stride-2 downsamplers stay on oneDNN.
     assert conv_mod.WINOGRAD_MIN_TILES == {4: 64, 2: 4} and conv_mod.GEMM_1X1_MAX_PIXELS == 1024
+    assert conv_mod.WINOGRAD_MIN_TILES_OWN_GEMM == {4: 8, 2: 4}
     assert conv_mod.GEMM_3X3_MAX_PIXELS == 32
     winograd = 33 if ddpm_fast.ops.native_available() else 0
+    own = bool(winograd) and conv_mod.own_gemm_planes()
     assert stats["conv:winograd4"] + stats["conv:winograd2"] == winograd and stats["conv:gemm"] == 13 + 14
-    assert stats["conv:packed"] == 65 - 27 - 1 - winograd and stats["conv:winograd4"] == (11 if winograd else 0)
+    f4 = (22 if own else 11) if winograd else 0
+    assert stats["conv:packed"] == 65 - 27 - 1 - winograd and stats["conv:winograd4"] == f4
     assert stats["conv:taps"] == 1
-    # the 11 F(2x2) ones at 8x8 (16 tiles: WINOGRAD_PANELS_MAX_TILES) take their weight as column panels
+    # the 11 at 8x8 (16 tiles of 2x2: WINOGRAD_PANELS_MAX_TILES), and with our GEMM the 11 at 16x16 (16 tiles of
+    # 4x4), take their weight as column panels
     assert conv_mod.WINOGRAD_PANELS_MAX_TILES == 16
-    assert stats["winograd:panels"] == (11 if winograd and linear_mod.panel_supported() else 0)
+    assert stats["winograd:panels"] == ((22 if own else 11) if winograd and linear_mod.panel_supported() else 0)
     assert stats["conv:plain"] == 0 and len(seen) == 65 - 22
     # every activation after conv_in (whose input is the caller's NCHW image) is channels_last
     assert [name for name, cl in seen if not cl] == ["conv_in"]
@@ -464,14 +469,15 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
         y = ours(x, 10).sample
         expected = ref(x, 10).sample
     # batch 16 gives even the 4x4 level 16 * 2 * 2 = 64 2x2 tiles: all 47 eligible convolutions run as Winograd,
-    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4. The 9 up-block resnets on at least
+    # F(4x4) down to 8x8 (16 * 2 * 2 = 64 4x4 tiles), F(2x2) for the 14 at 4x4 (F(4x4) too where the planes run
+    # on our own GEMM: 16 tiles, WINOGRAD_MIN_TILES_OWN_GEMM). The 9 up-block resnets on at least
     # CAT_FREE_MIN_PIXELS (32x32 to 8x8) skip their concatenation, their shortcuts as two GEMMs ("gemm_cat"); the
     # other 1x1 shortcuts with at most 1024 pixels (3 up at 4x4) are GEMMs, the down one at 16x16 is packed.
     assert resnet_mod.CAT_FREE_MIN_PIXELS == 1024
     assert stats["conv:winograd4"] + stats["conv:winograd2"] == 47 and stats["conv:gemm"] == 3
     assert stats["conv:gemm_cat"] == stats["resnet:cat_free"] == 9
     assert stats["conv:packed"] == 5 and stats["conv:taps"] == 1
-    assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == 33
+    assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == (47 if conv_mod.own_gemm_planes() else 33)
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
 
 

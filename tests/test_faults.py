@@ -790,12 +790,16 @@ def _attention(model):
     return model.down_blocks[1].attentions[0]
 
 
-def test_every_kind_of_prepared_copy_is_exercised_and_staleness_would_show():
+@pytest.mark.parametrize("max_tile", [4, 2])
+def test_every_kind_of_prepared_copy_is_exercised_and_staleness_would_show(max_tile):
+    # F(2x2) weights are exercised at the 8x8 level by default, except where F(4x4) takes it too
+    # (conv.WINOGRAD_MIN_TILES_OWN_GEMM); ddpm_fast.winograd(2) makes every Winograd layer F(2x2).
     model = _model()
     x, t = _inputs()
-    if _native.available():
-        assert {"conv:winograd4", "conv:winograd2", "conv:packed"} <= _conv_paths(model, x, t)
-    before = _fused(model, x, t)
+    with ddpm_fast.winograd(max_tile):
+        if _native.available():
+            assert {f"conv:winograd{max_tile}", "conv:packed"} <= _conv_paths(model, x, t)
+        before = _fused(model, x, t)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.9)  # with the copies kept, the output would stay `before`

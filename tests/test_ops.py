@@ -736,6 +736,64 @@ def test_other_kernel_builds_in_subprocess(env):
     assert res.stdout.strip() == (env["DDPM_FAST_CPU_ISA"].upper() if "DDPM_FAST_CPU_ISA" in env else "composite")
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@native
+def test_torch_gemm_avx512_follows_the_cpu_vendor():
+    """torch's GEMM (MKL) has AVX-512 kernels on Intel CPUs with AVX-512 only (see csrc/cpu/kernels.h)."""
+    if "DDPM_FAST_TORCH_GEMM_AVX512" in os.environ:
+        pytest.skip("DDPM_FAST_TORCH_GEMM_AVX512 is set")
+    assert _native.torch_gemm_avx512() == (_cpu_vendor() == "GenuineIntel" and "avx512f" in _FLAGS)
+
+
+# Tests whose code path depends on torch_gemm_avx512(): the attention's two products (our GEMM or torch's) and the
+# UNet's Winograd tiles (conv.own_gemm_planes).
+_GEMM_CHOICE_TESTS = [
+    "tests/test_ops.py::test_attention_matches_reference",
+    "tests/test_ops.py::test_attention_on_unet_views_and_transposes",
+    "tests/test_fast_path.py::test_unet_runs_every_conv_packed_and_channels_last",
+    "tests/test_fast_path.py::test_unet_batch16_runs_all_eligible_convs_as_winograd",
+]
+
+
+@native
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_both_gemm_choices_in_subprocess(value):
+    """Both answers of torch_gemm_avx512 (DDPM_FAST_TORCH_GEMM_AVX512 forces one), whichever CPU runs the tests: the
+    tests of what depends on it pass either way."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "DDPM_FAST_TORCH_GEMM_AVX512": value}
+    check = "from ddpm_fast import _native; print(_native.torch_gemm_avx512())"
+    res = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == str(value == "1"), res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_GEMM_CHOICE_TESTS],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:]
+    bad = subprocess.run(
+        [sys.executable, "-c", check],
+        env={**os.environ, "DDPM_FAST_TORCH_GEMM_AVX512": "yes"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "DDPM_FAST_TORCH_GEMM_AVX512 must be 0 or 1" in bad.stderr
+
+
 @native
 def test_forcing_an_unknown_isa_is_an_error():
     res = subprocess.run(

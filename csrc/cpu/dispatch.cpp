@@ -62,4 +62,23 @@ const Kernels& kernels() {
   return k;
 }
 
+// DDPM_FAST_TORCH_GEMM_AVX512=0|1 (read once; for tests) overrides the answer, so that both GEMM choices run on
+// either vendor's CPU.
+bool torch_gemm_avx512() {
+  static const bool v = [] {
+    const char* env = std::getenv("DDPM_FAST_TORCH_GEMM_AVX512");
+    const std::string want = env ? env : "";
+    DDPM_FAST_CHECK(want.empty() || want == "0" || want == "1", "DDPM_FAST_TORCH_GEMM_AVX512 must be 0 or 1, got '",
+                    want, "'");
+    if (!want.empty()) return want == "1";
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") && __builtin_cpu_supports("avx512f");
+#else
+    return false;
+#endif
+  }();
+  return v;
+}
+
 }  // namespace ddpm_fast::cpu

@@ -51,6 +51,10 @@ struct Kernels {
   // columns j of panels [p0, p1), W packed as (N / 16, K, 16) column panels (bias / R nullable).
   void (*panel_gemm)(const float* A, int64_t lda, const float* Wp, int64_t K, float* C, int64_t ldc,
                      const float* bias, const float* R, int64_t ldr, int64_t M, int64_t p0, int64_t p1);
+  // C (rows x cols, row stride ldc) = A (rows x K, row stride lda) @ B (K x cols, row stride ldb): the GEMM behind
+  // winograd_gemm. Single-threaded; nullptr where winograd_gemm is.
+  void (*gemm)(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+               int64_t K, int64_t cols);
 };
 
 #define DDPM_FAST_DECLARE_ISA(NS) \
@@ -64,5 +68,11 @@ DDPM_FAST_DECLARE_ISA(AVX512)
 
 // The best table this CPU supports (DDPM_FAST_CPU_ISA=default|avx2|avx512 forces one, for testing).
 const Kernels& kernels();
+
+// Whether torch's own CPU GEMM runs AVX-512 kernels here. torch's x86 builds do their GEMMs in MKL, which takes its
+// AVX-512 kernels on Intel CPUs only; on AMD's (Zen 4 / 5) it runs AVX2 ones, under half the rate of the AVX-512
+// table's GEMM there (bench/results/cpu-amd-epyc-avx512/). Where this is false and the table has a GEMM, the
+// Winograd planes and the attention's products use ours at every size.
+bool torch_gemm_avx512();
 
 }  // namespace ddpm_fast::cpu

@@ -5,17 +5,19 @@
 // fp32 only.
 //
 // Four schedules, three chosen per call from the size of the transformed weight U (planes x C x O floats), the tile
-// count T and the thread count (measured on a 2-core Xeon with AVX-512, 2 MB L2 per core; see csrc/README.md):
-//   pipeline, our GEMM (AVX512 builds; U <= 3 MB and O >= 32): one item per thread, a range of tiles each, run
-//     in blocks of nb tiles: input transform -> the planes' GEMMs (the kernel table's register-blocked GEMM,
+// count T, the thread count and which GEMM is faster here (measured on 2-core AVX-512 machines, 2 MB L2 per core,
+// a Xeon and a Zen 5 EPYC; see csrc/README.md):
+//   pipeline, our GEMM (AVX512 builds, O >= 32, and U <= 3 MB or torch's GEMM without AVX-512 kernels here,
+//     !torch_gemm_avx512(), where ours is about twice as fast at every size): one item per thread, a range of
+//     tiles each, run in blocks of nb tiles: input transform -> the planes' GEMMs (the kernel table's GEMM,
 //     single-threaded) -> output transform, with no synchronisation between stages or threads. nb is set so
 //     that the block's V (planes x nb x C) and M (planes x nb x O) fill 3/4 of one core's L2; only x, U (read
 //     once per block) and y move between cores and memory (faster than the batched schedule at 128 channels:
 //     figures in bench/results/cpu-intel-xeon-avx512/).
 //   pipeline, torch's GEMM (many tiles: T >= 2 x threads x nb): the same, with bigger blocks (3 x L2) whose
 //     GEMMs go to torch's batched GEMM (MKL / oneDNN / OpenBLAS, sequential inside the parallel region). For
-//     large U our GEMM loses to MKL's (it streams U from L3 at about half MKL's rate), and for O < 32 it
-//     wastes most of its 32-column panel.
+//     large U our GEMM loses to MKL's AVX-512 one on a Xeon (it streams U from L3 at about half MKL's rate),
+//     and for O < 32 it wastes most of its 32-column panel.
 //   batched (everything else, and every call of the DEFAULT build when there are few tiles): per block of
 //     128 / 256 tiles, input transform (parallel_for), one torch bmm over all planes with all threads (each
 //     reads its share of U, which is what bounds large-U layers at batch 1), output transform (parallel_for).
@@ -226,7 +228,8 @@ static Tensor conv3x3_winograd_cpu(const Tensor& x_in, const Tensor& weight, con
   const int64_t budget_own = l2_bytes() * 3 / 4, budget_torch = std::min<int64_t>(l2_bytes() * 3, int64_t(16) << 20);
   Schedule s = forced_schedule();
   if (s == Schedule::Auto) {
-    if (k.winograd_gemm != nullptr && u_bytes <= (int64_t(3) << 20) && O >= 32) s = Schedule::Pipeline;
+    if (k.winograd_gemm != nullptr && O >= 32 && (u_bytes <= (int64_t(3) << 20) || !torch_gemm_avx512()))
+      s = Schedule::Pipeline;
     else if (T >= 2 * nt * block_tiles(g, budget_torch)) s = Schedule::PipelineTorch;
     else s = Schedule::Batched;
   }

@@ -27,6 +27,7 @@ __all__ = [
     "load_error",
     "cuda_error",
     "cpu_isa",
+    "torch_gemm_avx512",
     "limits",
     "target_version",
 ]
@@ -191,6 +192,12 @@ def cuda_error() -> str | None:
 def cpu_isa() -> str | None:
     """The CPU kernel build in use ("AVX512", "AVX2" or "DEFAULT"), None without the extension."""
     return _module.cpu_isa() if available() else None
+
+
+def torch_gemm_avx512() -> bool:
+    """Whether torch's CPU GEMM runs AVX-512 kernels here (MKL on an Intel CPU with AVX-512); False without the
+    extension. Where it does not, the AVX-512 kernels' own GEMM is faster at every Winograd size."""
+    return bool(_module.torch_gemm_avx512()) if available() else False
 
 
 def limits() -> dict[str, int]:

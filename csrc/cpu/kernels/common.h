@@ -285,9 +285,13 @@ void panel_gemm_kernel(const float* A, int64_t lda, const float* Wp, int64_t K, 
 #if defined(CPU_CAPABILITY_AVX512)
 void winograd_gemm_kernel(const float* V, int64_t ldv, int64_t C, const float* U, int64_t ldu, int64_t O,
                           float* M, int64_t ldm, int64_t ldr, int64_t rows, int64_t oc, int planes);
+void gemm_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                 int64_t K, int64_t cols);
 #define DDPM_FAST_WINOGRAD_GEMM winograd_gemm_kernel
+#define DDPM_FAST_GEMM gemm_kernel
 #else
 #define DDPM_FAST_WINOGRAD_GEMM nullptr
+#define DDPM_FAST_GEMM nullptr
 #endif
 }  // namespace CPU_CAPABILITY
 }  // namespace ddpm_fast::cpu

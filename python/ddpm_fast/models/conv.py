@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fast_path, ops
+from .. import _native, fast_path, ops
 from . import linear
 from .prepared import PreparedCache, trackable
 
@@ -57,6 +57,8 @@ __all__ = [
     "mkldnn_conv_supported",
     "WINOGRAD_MIN_CHANNELS",
     "WINOGRAD_MIN_TILES",
+    "WINOGRAD_MIN_TILES_OWN_GEMM",
+    "own_gemm_planes",
     "WINOGRAD_PANELS_MAX_TILES",
     "GEMM_1X1_MAX_PIXELS",
     "GEMM_3X3_MAX_PIXELS",
@@ -70,6 +72,9 @@ WINOGRAD_MIN_CHANNELS = 64
 # too thin and the transformed weight (16/9 or 36/9 the size of the original) makes them weight-bandwidth bound.
 # F(4x4) when it has that many 4x4 tiles, else F(2x2) when it has that many 2x2 tiles, else oneDNN.
 WINOGRAD_MIN_TILES = {4: 64, 2: 4}
+# ... where the planes' GEMMs run on ddpm_fast's own AVX-512 GEMM at every size (torch's GEMM has no AVX-512
+# kernels here: own_gemm_planes()), F(4x4) pays from 8 tiles (the 16x16 level at batch 1, the 8x8 level at batch 2).
+WINOGRAD_MIN_TILES_OWN_GEMM = {4: 8, 2: 4}
 # With at most this many tiles (the 8x8 level at batch 1) and the AVX-512 kernels, the transformed weight goes to
 # the kernel as column panels (ops.winograd_weight(panels=True)), which its threads read once between them, front
 # to back: there the GEMMs wait on the weight. At 32 tiles the panels were even with the other schedules.
@@ -166,10 +171,17 @@ def _winograd_tile(conv: nn.Conv2d, x: torch.Tensor) -> int:
         and ops.native_available()
     ):
         return 0
+    min_tiles = WINOGRAD_MIN_TILES_OWN_GEMM if own_gemm_planes() else WINOGRAD_MIN_TILES
     for tile in (4, 2):
-        if tile <= max_tile and _tiles(x, tile) >= WINOGRAD_MIN_TILES[tile]:
+        if tile <= max_tile and _tiles(x, tile) >= min_tiles[tile]:
             return tile
     return 0
+
+
+def own_gemm_planes() -> bool:
+    """Whether the Winograd planes' GEMMs run on ddpm_fast's AVX-512 GEMM at every size: its AVX-512 kernels are in
+    use and torch's GEMM has none here (MKL on a CPU other than Intel's; see ``_native.torch_gemm_avx512``)."""
+    return linear.panel_supported() and not _native.torch_gemm_avx512()
 
 
 def _tiles(x: torch.Tensor, tile: int) -> int:
