@@ -12,6 +12,7 @@ calls do in ``python -m ddpm_fast.bench unet``). Each model records its own forw
     python bench/ab_paths.py --choice conv_panels --batch 1 --rounds 61
     python bench/ab_paths.py --choice steady_model --batch 1 --rounds 41
     python bench/ab_paths.py --choice own_gemm --batch 1 --rounds 11 --calls 5
+    python bench/ab_paths.py --choice temb_panel --batch 1 --rounds 41
 
 Choices: ``packed_linear`` (oneDNN's packed linear for the GEMM convolutions and attention's projections, off:
 ``addmm``), ``panel`` (the panel GEMM for few rows and the 8x8 level's Winograd weights as column panels, off:
@@ -20,7 +21,8 @@ packed oneDNN), ``cat_free`` (up-block resnets without the concatenation of thei
 ``torch.cat``), ``conv_panels`` (the 4x4 level's 3x3 convolutions at batch 1 as one op, the panel GEMM over im2col
 rows it builds, off: the im2col rows built in Python and ``panel_linear``), ``direct_replay`` (a forward plan's replay
 calls each op through its C++ entry point and reads its constants as plain attributes, off: ``OpOverload.__call__``
-and ``nn.Module.__getattr__``), ``steady_model`` (DDPMPipeline's loop checks its UNet's state once per call, off: at
+and ``nn.Module.__getattr__``), ``temb_panel`` (the resnets' shared time-projection GEMM on the panel GEMM, off:
+``F.linear``), ``steady_model`` (DDPMPipeline's loop checks its UNet's state once per call, off: at
 every step; each timed call is a pipeline call of ``--steps`` steps, and the times are per step), ``pool`` (the CPU
 kernels' memory pool, off: their outputs and scratch from torch's allocator), ``malloc_keep`` (glibc told to keep
 freed blocks of any size for reuse, ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` as in ``MALLOC_KEEP``,
@@ -47,7 +49,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast.bench import common, engines
-from ddpm_fast.models import conv, linear, plans, resnet
+from ddpm_fast.models import conv, linear, plans, resnet, unet_2d
 from ddpm_fast.pipelines import pipeline_ddpm
 
 PREDICATES = {
@@ -58,6 +60,7 @@ PREDICATES = {
     "cat_free": (resnet, "cat_free"),
     "direct_replay": (plans, "direct_replay"),
     "steady_model": (pipeline_ddpm, "steady_model"),
+    "temb_panel": (unet_2d, "time_projections_on_panels"),
 }
 # What a choice is replaced by when off (default: a predicate that says no).
 OFF = {"steady_model": contextlib.nullcontext}

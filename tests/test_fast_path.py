@@ -24,6 +24,7 @@ from ddpm_fast.models import conv as conv_mod
 from ddpm_fast.models import linear as linear_mod
 from ddpm_fast.models import prepared
 from ddpm_fast.models import resnet as resnet_mod
+from ddpm_fast.models import unet_2d as unet_mod
 from ddpm_fast.models.conv import Conv2d
 from helpers import CIFAR10_32, CIFAR10_32_SCHEDULER, FUSED_TOL, TINY, err, pipeline_images, unet_pair
 
@@ -479,6 +480,30 @@ def test_unet_batch16_runs_all_eligible_convs_as_winograd():
     assert stats["conv:packed"] == 5 and stats["conv:taps"] == 1
     assert stats["conv:plain"] == 0 and stats["conv:winograd4"] == (47 if conv_mod.own_gemm_planes() else 33)
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-5)
+
+
+def test_time_projections_run_on_panels_for_few_rows(monkeypatch):
+    """The resnets' shared time-projection GEMM takes the panel GEMM for 1-16 fp32 CPU rows (where the AVX-512
+    kernels run), F.linear otherwise; both give diffusers' result."""
+    on_panels = unet_mod.time_projections_on_panels
+    supported = linear_mod.panel_supported()
+    assert on_panels(torch.zeros(1, 512)) == supported and on_panels(torch.zeros(16, 512)) == supported
+    assert not on_panels(torch.zeros(17, 512)) and not on_panels(torch.zeros(1, 512, dtype=torch.bfloat16))
+    ref, ours = _pair(CIFAR10_32, seed=3)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = ddpm_fast.ops.panel_linear
+    monkeypatch.setattr(ddpm_fast.ops, "panel_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    with torch.no_grad(), fast_path.cpu_plans(False):  # eager forwards: each decides again
+        expected = ref(x, 10).sample
+        panelled = ours(x, 10).sample
+        assert ((2, 512) in calls) == supported  # the (batch, 4 x 128) embedding rows
+        calls.clear()
+        monkeypatch.setattr(unet_mod, "time_projections_on_panels", lambda rows: False)
+        plain = ours(x, 10).sample
+        assert (2, 512) not in calls
+    torch.testing.assert_close(panelled, expected, rtol=0, atol=FUSED_TOL)
+    torch.testing.assert_close(plain, panelled, rtol=0, atol=2e-5)
 
 
 def test_fused_unet_matches_reference_backend_and_diffusers():

@@ -85,10 +85,11 @@ def panel_supported() -> bool:
     return _native.cpu_isa() == "AVX512"
 
 
-def panel_rows(m: int) -> bool:
-    """Whether a GEMM of ``m`` rows runs on the panel GEMM: PACKED_LINEAR_MIN_ROWS to PANEL_MAX_ROWS rows (the
-    range measured), where :func:`panel_supported`."""
-    return PACKED_LINEAR_MIN_ROWS <= m <= PANEL_MAX_ROWS and panel_supported()
+def panel_rows(m: int, min_rows: int = PACKED_LINEAR_MIN_ROWS) -> bool:
+    """Whether a GEMM of ``m`` rows runs on the panel GEMM: ``min_rows`` (by default PACKED_LINEAR_MIN_ROWS, below
+    which the other linears keep ``addmm``) to PANEL_MAX_ROWS rows (the range measured), where
+    :func:`panel_supported`."""
+    return min_rows <= m <= PANEL_MAX_ROWS and panel_supported()
 
 
 def _panels(weight: torch.Tensor) -> torch.Tensor | None:

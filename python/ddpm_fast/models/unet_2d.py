@@ -11,6 +11,7 @@ from torch import nn
 from .. import fast_path, ops
 from ..configuration import ConfigMixin, register_to_config
 from ..utils.outputs import BaseOutput
+from . import linear as linear_mod
 from .conv import Conv2d
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling_utils import ModelMixin
@@ -30,6 +31,13 @@ class UNet2DOutput(BaseOutput):
 TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
 CLASS_EMBED_TYPES = (None, "timestep", "identity")
 SKIP_BLOCKS = ("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
+
+
+def time_projections_on_panels(rows: torch.Tensor) -> bool:
+    """Whether the shared time-projection GEMM of ``rows`` (the batch's embeddings) runs on the panel GEMM: a few
+    rows against a weight of several MB are bound by reading the weight, which the panel GEMM does once, in
+    address order (``bench/ab_paths.py --choice temb_panel``)."""
+    return rows.dtype == torch.float32 and rows.is_cpu and linear_mod.panel_rows(len(rows), 1)
 
 
 class UNet2DModel(ModelMixin, ConfigMixin):
@@ -269,14 +277,17 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             for resnet, linear in zip(self._shared_temb_resnets, linears):
                 offsets[id(resnet)] = (start, start + linear.out_features)
                 start += linear.out_features
-            return (
-                torch.cat([linear.weight for linear in linears]),
-                torch.cat([linear.bias for linear in linears]),
-                offsets,
-            )
+            weight = torch.cat([linear.weight for linear in linears])
+            panels = ops.panel_weight(weight) if panelled else None
+            return weight, torch.cat([linear.bias for linear in linears]), offsets, panels
 
-        weight, bias, offsets = self._prepared.get(("time_projections",), sources, build)
-        out = torch.nn.functional.linear(torch.nn.functional.silu(emb), weight, bias)
+        panelled = linear_mod.panel_supported() and sum(t.out_features for t in linears) % ops.PANEL == 0
+        weight, bias, offsets, panels = self._prepared.get(("time_projections", panelled), sources, build)
+        rows = torch.nn.functional.silu(emb)
+        if panels is not None and time_projections_on_panels(rows):
+            out = ops.panel_linear(rows, panels, bias)
+        else:
+            out = torch.nn.functional.linear(rows, weight, bias)
         return TimeProjections(emb, out, offsets)
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .half(): drop the old copy now rather than at next use
