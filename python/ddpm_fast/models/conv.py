@@ -433,10 +433,14 @@ class Conv2d(nn.Conv2d):
         the image: index i + kh of z padded by one pixel); + bias, + other. The result is channels_last."""
         n, c, h, w = x.shape
         o = self.out_channels
-        weight = self._prepared.get(
-            ("taps",), (self.weight,), lambda: self.weight.detach().permute(1, 2, 3, 0).reshape(c, 9 * o).contiguous()
-        )
-        z = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, 3, 3, o)
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
+        # (C, 9 * O): column (kh, kw, o) is tap (kh, kw)'s weight for output o
+        taps = lambda: self.weight.detach().permute(1, 2, 3, 0).reshape(c, 9 * o)  # noqa: E731
+        if linear.usable(rows, self.weight):  # oneDNN's packed linear, on its (out, in) = (9 * O, C) matrix
+            z = linear.packed_linear(self._prepared, ("taps",), (self.weight,), lambda: taps().t(), None, rows)
+        else:
+            z = rows @ self._prepared.get(("taps",), (self.weight,), lambda: taps().contiguous())
+        z = z.view(n, h, w, 3, 3, o)
         z = F.pad(z, (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # a zero pixel around the image
         y = z[:, 1 : h + 1, 1 : w + 1, 1, 1, :].clone()  # the centre tap first: n, h, w, o
         for kh in range(3):
