@@ -14,8 +14,9 @@ namespace {
 // Register-blocked GEMM (AVX512 only: an AVX2 version with 6 x 16 blocks in 16 ymm registers lost
 // to torch's batched GEMM, so that build has none): rows x cols of M = A (rows x K, row stride
 // lda) @ B (K x cols, row stride ldb), R = 12 rows and NV = 2 vectors (32 columns) at a time, the 24
-// accumulators in zmm registers (24 FMAs per 2 loads of B and 12 broadcasts of A), B read straight from the
-// transformed weight: one 32-column panel (K x 128 bytes) is reused from L1 by every row group. 12 x 32 beat
+// accumulators in zmm registers (24 FMAs per 2 loads of B and 12 broadcasts of A), B read in place (the
+// transformed weight, attention's keys or values): one 32-column panel (K x 128 bytes) is reused from L1 by every
+// row group. 12 x 32 beat
 // 6 x 64, 8 x 48 and 14 x 32 (rates in csrc/README.md).
 constexpr int kGemmR = 12, kGemmNV = 2;
 

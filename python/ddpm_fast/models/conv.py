@@ -434,12 +434,12 @@ class Conv2d(nn.Conv2d):
         n, c, h, w = x.shape
         o = self.out_channels
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels_last
-        # (C, 9 * O): column (kh, kw, o) is tap (kh, kw)'s weight for output o
-        taps = lambda: self.weight.detach().permute(1, 2, 3, 0).reshape(c, 9 * o)  # noqa: E731
-        if linear.usable(rows, self.weight):  # oneDNN's packed linear, on its (out, in) = (9 * O, C) matrix
-            z = linear.packed_linear(self._prepared, ("taps",), (self.weight,), lambda: taps().t(), None, rows)
+        if linear.usable(rows, self.weight):  # oneDNN's packed linear, on the (out, in) = (9 * O, C) matrix
+            z = linear.packed_linear(
+                self._prepared, ("taps",), (self.weight,), lambda: self._taps_weight().t(), None, rows
+            )
         else:
-            z = rows @ self._prepared.get(("taps",), (self.weight,), lambda: taps().contiguous())
+            z = rows @ self._prepared.get(("taps",), (self.weight,), lambda: self._taps_weight().contiguous())
         z = z.view(n, h, w, 3, 3, o)
         z = F.pad(z, (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # a zero pixel around the image
         y = z[:, 1 : h + 1, 1 : w + 1, 1, 1, :].clone()  # the centre tap first: n, h, w, o
@@ -452,6 +452,11 @@ class Conv2d(nn.Conv2d):
         if other is not None:
             y += other.permute(0, 2, 3, 1)
         return y.permute(0, 3, 1, 2)
+
+    def _taps_weight(self) -> torch.Tensor:
+        """The weight as (C, 9 * O): column (kh, kw, o) is tap (kh, kw)'s weight for output o."""
+        w = self.weight.detach()
+        return w.permute(1, 2, 3, 0).reshape(w.shape[1], -1)
 
     def _gemm_weight(self) -> torch.Tensor:
         """The weight as the GEMM's (out, in) matrix, its columns in the rows' (kh, kw, c) order."""

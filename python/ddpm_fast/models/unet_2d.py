@@ -281,7 +281,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             panels = ops.panel_weight(weight) if panelled else None
             return weight, torch.cat([linear.bias for linear in linears]), offsets, panels
 
-        panelled = linear_mod.panel_supported() and sum(t.out_features for t in linears) % ops.PANEL == 0
+        panelled = linear_mod.panel_supported() and sum(lin.out_features for lin in linears) % ops.PANEL == 0
         weight, bias, offsets, panels = self._prepared.get(("time_projections", panelled), sources, build)
         rows = torch.nn.functional.silu(emb)
         if panels is not None and time_projections_on_panels(rows):
