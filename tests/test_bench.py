@@ -467,3 +467,18 @@ def test_ab_paths_script_times_both_settings(tmp_path, choice):
         assert set(report["page_faults_per_forward"]) == {"on", "off"}
     else:
         assert "page_faults_per_forward" not in report
+
+
+def test_gemm_choice_script_times_both_gemms(tmp_path):
+    """bench/gemm_choice.py at its tiny size: both GEMM choices timed in every round, at every case, the same
+    outputs within float rounding."""
+    out = tmp_path / "gemm.json"
+    _bench_script("gemm_choice").main(["--tiny", "--rounds", "2", "--calls", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python bench/gemm_choice.py --rounds 2")
+    names = set(report["cases"])
+    assert any(n.startswith("winograd F2") for n in names) and any(n.startswith("winograd F4") for n in names)
+    assert any(n.startswith("attention") for n in names)
+    for case in report["cases"].values():
+        assert all(len(case["ms"][s]) == 2 and min(case["ms"][s]) > 0 for s in ("ours", "torch"))
+        assert case["max_abs_diff"] < 1e-4
